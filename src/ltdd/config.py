@@ -133,10 +133,21 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 
 def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into ``base``. A mapping with integer keys updates list elements, so
+    ``distill.phases.0.syn_steps=5`` changes one phase."""
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
+        cur = out.get(k)
+        if isinstance(v, dict) and isinstance(cur, dict):
+            out[k] = merge(cur, v)
+        elif isinstance(v, dict) and isinstance(cur, list) and v and all(str(i).isdigit() for i in v):
+            items = list(cur)
+            for i, sub in v.items():
+                i = int(i)
+                if i >= len(items):
+                    raise LtddError(f"override index {k}.{i} is out of range (length {len(items)})")
+                items[i] = merge(items[i], sub) if isinstance(sub, dict) and isinstance(items[i], dict) else sub
+            out[k] = items
         else:
             out[k] = v
     return out
@@ -215,3 +226,186 @@ def load_yaml(path: str | Path) -> dict:
 
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class TrainConfig:
+    """One training run of one network: used for experts, evaluation, full-data baselines and two-stage models."""
+
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    schedule: str = "step_half"  # constant | step_half (x0.1 at half) | cosine
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    loss: str = "ce"  # ce | balanced_softmax | logit_adjust | dam ; soft-label targets use soft CE (dam: weighted)
+    la_tau: float = 1.0  # logit-adjustment temperature
+    temperature: float = 1.0  # soft-label temperature: targets = softmax(logits / T)
+    sampler: str = "instance"  # instance | class_balanced | class_aware
+    samples_per_class_visit: int = 4  # class_aware sampler
+    trainable: str = "all"  # all | classifier (backbone frozen, cRT)
+    sam_rho: float = 0.0  # > 0: sharpness-aware update (GSAM when gsam_alpha > 0)
+    gsam_alpha: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"
+    args: dict = field(default_factory=dict)  # e.g. {"width": 128, "depth": 3, "norm": "instancenorm"}
+
+
+@dataclass
+class ProtocolConfig:
+    """The evaluation protocol: train fresh networks on a (distilled) set, test on the balanced test set."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1000, lr=0.01, momentum=0.9,
+                                                                   weight_decay=5e-4, batch_size=256,
+                                                                   schedule="step_half", dsa=True))
+    use_learned_lr: bool = True  # use the distilled set's learned lr when it has one
+    runs: int = 5
+    test_batch_size: int = 1024
+
+
+def protocol_preset(name: str) -> ProtocolConfig:
+    """Named evaluation protocols.
+
+    - ``lad``: the MTT/DATM/LAD protocol (lad.md §5): ConvNet-3, 1000 epochs, SGD 0.9, wd 5e-4, learned lr with
+      x0.1 at half, batch 256, DSA, soft CE for soft labels, 5 runs.
+    - ``dc``: the DC protocol of the two-stage paper (two-stage.md §4.1): 300 epochs, lr 0.01 constant, no
+      augmentation, batch 256.
+    - ``cpu``: the ``lad`` protocol at a CPU-sized scale (ConvNet-3 width 32, 300 epochs, 3 runs).
+    """
+    if name == "lad":
+        return ProtocolConfig()
+    if name == "dc":
+        return ProtocolConfig(train=TrainConfig(epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256,
+                                                schedule="constant", dsa=False), use_learned_lr=False)
+    if name == "cpu":
+        return ProtocolConfig(model=ModelConfig("convnet", {"width": 32}),
+                              train=TrainConfig(epochs=300, lr=0.01, schedule="step_half", dsa=True), runs=3)
+    raise LtddError(f"unknown evaluation protocol '{name}' (known: lad, dc, cpu)")
+
+
+@dataclass
+class ExpertConfig:
+    """Representation experts (lad.md §3.1) and classifier experts (§3.2)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    num_experts: int = 100
+    epochs: int = 100
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, lr=0.01, momentum=0.0,
+                                                                   weight_decay=5e-3, batch_size=256,
+                                                                   schedule="constant", dsa=True))
+    classifier_experts: bool = True
+    classifier_epochs: int = 10
+    classifier_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=10, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=256, schedule="constant", dsa=True,
+        sampler="class_aware", samples_per_class_visit=4, trainable="classifier"))
+    keep_epochs: list[int] | None = None  # store only these snapshot indices (0 = initial weights)
+    classifier_keep_epochs: list[int] | None = None
+    fp16: bool = False
+    seed: int = 0
+
+
+@dataclass
+class PhaseConfig:
+    """One matching phase of the trajectory-matching engine (lad.md §4.4)."""
+
+    name: str = "main"
+    store: str = "representation"  # representation | classifier
+    min_start_epoch: int = 0
+    max_start_epoch: int = 20  # exclusive upper bound of the start epoch
+    current_max_start_epoch: int | None = None  # sequential generation: upper bound at iteration 0
+    expansion_end_iteration: int = 0  # iterations over which the upper bound grows to max_start_epoch (0: none)
+    syn_steps: int = 20  # N
+    expert_epochs: int = 2  # M
+    match: str = "all"  # all | backbone | classifier: the coordinates compared with the expert
+    inner_loss: str = "soft_ce"  # ce (hard labels) | soft_ce | dam (class-frequency-weighted soft CE)
+    student_update: str = "all"  # all | classifier: the coordinates the student's inner steps may move
+    weight: float = 1.0  # lambda of this phase
+    batch_syn: int | None = None  # synthetic images per inner step (None: all)
+
+
+@dataclass
+class DistillConfig:
+    method: str = "tm"  # tm | random | herding | kcenter | dc | dsa | dm
+    ipc: int = 10
+    iterations: int = 1000
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    gradient: str = "constant_memory"  # exact | constant_memory
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_y: float = 2.0
+    momentum_img: float = 0.5
+    momentum_lr: float = 0.5
+    momentum_y: float = 0.9
+    lr_init: float = 0.01  # initial learnable step size (lr_teacher)
+    lr_min: float = 1e-6  # the step size is projected onto [lr_min, inf) after every update (stays positive)
+    lr_explode_factor: float = 1e3  # stop when the step size exceeds lr_init * this
+    soft_labels: bool = True  # learnable soft-label logits; False: fixed hard labels
+    label_init: str = "experts_correct"  # experts_correct | expert | onehot
+    label_store: str = "classifier"  # which experts initialise soft labels / pick correct images
+    onehot_scale: float = 1.0
+    image_init: str = "correct"  # correct | real | noise
+    duplicate: bool = True  # classes with fewer usable images than IPC: duplicate cyclically (else noise)
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    temperature: float = 1.0
+    dam_epsilon: float = 0.0
+    dam_normalise: bool = False
+    checkpoint_every: int = 50
+    eval_every: int = 0  # periodic evaluation with one run of the protocol (0: only at the end)
+    log_every: int = 1
+    seed: int = 0
+    # baseline-specific knobs (DC / DSA / DM / coresets; see ltdd.distill)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """Everything one preset fixes: data, experts, distillation and the evaluation protocol."""
+
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    protocol: str = "lad"
+    protocol_overrides: dict = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)  # name -> nested overrides (e.g. "cpu")
+
+    def protocol_config(self) -> ProtocolConfig:
+        base = protocol_preset(self.protocol)
+        return from_dict(ProtocolConfig, merge(to_dict(base), self.protocol_overrides)) if self.protocol_overrides \
+            else base
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a packaged preset (or a YAML path), apply a profile (e.g. ``cpu``) and dotted overrides."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise LtddError(f"unknown preset '{name}' (see `ltdd presets`)")
+    raw = load_yaml(path)
+    base_name = raw.pop("base", None)
+    if base_name:
+        base = to_dict(load_preset(base_name))
+        base.pop("profiles", None)
+        base_profiles = load_yaml(PRESET_DIR / f"{base_name}.yaml").get("profiles", {})
+        raw = merge(merge(base, {"profiles": base_profiles}), raw)
+    cfg_dict = raw
+    if profile:
+        profiles = cfg_dict.get("profiles", {}) or {}
+        if profile not in profiles:
+            raise LtddError(f"preset '{name}' has no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
+        cfg_dict = merge(cfg_dict, profiles[profile])
+    cfg_dict = merge(cfg_dict, parse_overrides(list(overrides)))
+    return from_dict(RunConfig, cfg_dict)

@@ -1,0 +1,7 @@
+"""Distillation methods behind one interface, and the shared outer loop."""
+
+from . import engine  # noqa: F401  (registers "tm")
+from .base import DISTILLERS, Distiller, DivergenceError, make_distiller, register_distiller
+from .run import distill
+
+__all__ = ["DISTILLERS", "Distiller", "DivergenceError", "distill", "make_distiller", "register_distiller"]

@@ -1,0 +1,123 @@
+"""The distiller interface every method implements, and the method registry.
+
+A distiller owns learnable synthetic state (images, optional soft-label logits, optional step size) and advances it
+one outer iteration at a time. The shared outer loop (``ltdd.distill.run``) does everything else: checkpoints,
+resume, guards, logging, evaluation, writing the distilled set.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..config import DistillConfig
+from ..errors import LtddError
+from ..synset import SyntheticSet
+
+DISTILLERS: dict[str, type["Distiller"]] = {}
+
+
+def register_distiller(name: str):
+    def deco(cls):
+        DISTILLERS[name] = cls
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def make_distiller(cfg: DistillConfig, data, experts_dir=None, device=None) -> "Distiller":
+    if cfg.method not in DISTILLERS:
+        raise LtddError(f"unknown distillation method '{cfg.method}' (known: {', '.join(sorted(DISTILLERS))})")
+    return DISTILLERS[cfg.method](cfg, data, experts_dir=experts_dir, device=device or torch.device("cpu"))
+
+
+class DivergenceError(LtddError):
+    """The run produced NaN/Inf or an exploding step size; the last good checkpoint is kept."""
+
+
+class Distiller(ABC):
+    method_name = "?"
+    needs_experts = False
+
+    def __init__(self, cfg: DistillConfig, data, *, experts_dir=None, device=torch.device("cpu")):
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        self.experts_dir = experts_dir
+        self.generator = torch.Generator()
+        self.generator.manual_seed(cfg.seed)
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def initialise(self) -> None:
+        """Create the initial synthetic set (called once, not on resume)."""
+
+    def step(self, iteration: int) -> dict:
+        """One outer iteration; returns scalars to log. One-shot methods (coresets) never get called."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume, as tensors (optimiser states included)."""
+
+    @abstractmethod
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        ...
+
+    def extra_state(self) -> dict:
+        """JSON-serialisable state (e.g. expert-sampling positions)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    @abstractmethod
+    def synthetic_set(self) -> SyntheticSet:
+        ...
+
+    # ---- guards --------------------------------------------------------------------------------------------------
+    def check(self, iteration: int, losses: dict) -> None:
+        for k, v in losses.items():
+            if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):
+                raise DivergenceError(f"loss '{k}' became {v} at iteration {iteration}")
+        syn = self.synthetic_set()
+        if not torch.isfinite(syn.images).all():
+            raise DivergenceError(f"synthetic images contain NaN/Inf at iteration {iteration}")
+        if syn.soft_labels is not None and not torch.isfinite(syn.soft_labels).all():
+            raise DivergenceError(f"soft labels contain NaN/Inf at iteration {iteration}")
+        if syn.lr is not None:
+            if not torch.isfinite(torch.tensor(syn.lr)):
+                raise DivergenceError(f"step size became {syn.lr} at iteration {iteration}")
+            if syn.lr > self.cfg.lr_init * self.cfg.lr_explode_factor:
+                raise DivergenceError(f"step size exploded to {syn.lr:.4g} (> {self.cfg.lr_explode_factor:g} x "
+                                      f"lr_init) at iteration {iteration}; lower distill.lr_lr")
+
+    def generator_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def optimiser_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers as flat tensors (for checkpoints)."""
+    out = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"{prefix}.{gi}.{pi}.momentum"] = buf.detach().cpu().clone()
+            out[f"{prefix}.{gi}.lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+    return out
+
+
+def load_optimiser_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for gi, group in enumerate(opt.param_groups):
+        if f"{prefix}.{gi}.lr" in tensors:
+            group["lr"] = float(tensors[f"{prefix}.{gi}.lr"])
+        for pi, p in enumerate(group["params"]):
+            key = f"{prefix}.{gi}.{pi}.momentum"
+            if key in tensors:
+                opt.state[p]["momentum_buffer"] = tensors[key].to(p.device, p.dtype).clone()

@@ -1,0 +1,349 @@
+"""The trajectory-matching engine. MTT, DATM and LAD are configurations of it (lists of phases).
+
+One iteration (lad.md §4.4): for every phase, draw the next expert of the phase's store and a start epoch t, start
+a student at theta*_t and take N SGD steps on (augmented) synthetic minibatches with the learnable step size alpha,
+then compare the student with theta*_{t+M} on the phase's matched coordinates:
+
+    L_phase = || m * (theta_N - theta*_{t+M}) ||^2 / || m * (theta*_t - theta*_{t+M}) ||^2
+
+The phases' gradients (w.r.t. images, soft-label logits and alpha) are summed with weights lambda_phase, then one
+SGD step is taken for each of the three.
+
+Gradient modes
+--------------
+``exact``: back-propagation through the unrolled inner loop (MTT). Memory grows linearly with N.
+
+``constant_memory`` (TESLA, lad.md §4.6): a first pass runs the N steps without a graph and keeps only the sum
+G = sum_j g_j plus each step's minibatch indices and augmentation parameters. Since theta_N = theta_0 - alpha G,
+dL/dg_j = -2 alpha m*r / D with r = theta_0 - alpha G - theta_T, the same vector for every step. A second pass
+walks the trajectory again (recomputing theta_j from theta_0 with the detached gradients, so nothing per-step is
+stored), rebuilds each step's gradient g_j with a graph and back-propagates <dL/dg_j, g_j> into that step's images
+and labels. Memory is one step's graph, independent of N.
+
+What the constant-memory mode drops (and the tests measure): the dependence of theta_j (j > 0) on the synthetic data
+of earlier steps, i.e. the terms (d g_j / d theta_j)(d theta_j / d X) - the Hessian-vector products through the
+trajectory - and, for alpha, the dependence of theta_j on alpha for j > 0 (dL/dalpha = -2 <m*r, G> / D with G
+detached). For N = 1 both modes are identical; for N > 1 the image gradient is an approximation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import OrderedDict
+
+import torch
+
+from ..config import DistillConfig, PhaseConfig
+from ..errors import LtddError
+from ..experts import Trajectory, TrajectoryStore
+from ..losses import classification_loss, dam_weights, soft_cross_entropy
+from ..models import create_model
+from ..models.functional import ParamLayout, functional_forward
+from ..synset import SyntheticSet
+from .base import Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
+from .init import init_images, init_soft_labels
+
+
+@register_distiller("tm")
+class TrajectoryMatching(Distiller):
+    needs_experts = True
+
+    def __init__(self, cfg: DistillConfig, data, *, experts_dir=None, device=torch.device("cpu")):
+        super().__init__(cfg, data, experts_dir=experts_dir, device=device)
+        if experts_dir is None:
+            raise LtddError("trajectory matching needs an expert store (--experts DIR)")
+        if not cfg.phases:
+            raise LtddError("trajectory matching needs at least one phase")
+        if cfg.gradient not in ("exact", "constant_memory"):
+            raise LtddError(f"unknown gradient mode '{cfg.gradient}' (known: exact, constant_memory)")
+        self.store = TrajectoryStore(experts_dir)
+        meta = self.store.meta()
+        from ..config import ModelConfig, from_dict
+
+        self.model_cfg = from_dict(ModelConfig, meta["model"])
+        self.model = create_model(self.model_cfg.name, data.num_classes, data.channels, data.im_size,
+                                  **self.model_cfg.args).to(device)
+        self.layout = ParamLayout(self.model)
+        self.store.check(self.model_cfg, data, self.layout)
+        self.masks = {k: self.layout.mask(k).to(device=device, dtype=torch.float32)
+                      for k in ("all", "backbone", "classifier")}
+        self.experts = {}
+        for ph in cfg.phases:
+            self._validate_phase(ph, meta)
+            if ph.store not in self.experts:
+                idx = self.store.indices(ph.store)
+                if not idx:
+                    raise LtddError(f"expert store {experts_dir} has no {ph.store} experts")
+                self.experts[ph.store] = idx
+        self.class_weights = dam_weights(data.train_counts, cfg.dam_epsilon, cfg.dam_normalise).to(device)
+        self._cache: OrderedDict[tuple[str, int], Trajectory] = OrderedDict()
+        self._cache_size = int(cfg.options.get("expert_cache", 32))
+        self.dsa = None
+        if cfg.dsa and cfg.dsa_strategy not in ("", "none"):
+            from ..data.augment import DSA
+
+            self.dsa = DSA(cfg.dsa_strategy)
+        # per-phase expert cycling (shuffled order, position) - part of the resumable state
+        self.expert_order: dict[str, list[int]] = {}
+        self.expert_pos: dict[str, int] = {}
+        self.py_rng = random.Random(cfg.seed)
+
+    def _validate_phase(self, ph: PhaseConfig, meta: dict) -> None:
+        for field, allowed in (("store", ("representation", "classifier")), ("match", ("all", "backbone", "classifier")),
+                               ("inner_loss", ("ce", "soft_ce", "dam")), ("student_update", ("all", "classifier"))):
+            if getattr(ph, field) not in allowed:
+                raise LtddError(f"phase '{ph.name}': unknown {field} '{getattr(ph, field)}' "
+                                f"(known: {', '.join(allowed)})")
+        if ph.syn_steps < 1 or ph.expert_epochs < 1:
+            raise LtddError(f"phase '{ph.name}': syn_steps and expert_epochs must be >= 1")
+        if ph.max_start_epoch <= ph.min_start_epoch:
+            raise LtddError(f"phase '{ph.name}': max_start_epoch ({ph.max_start_epoch}) must exceed "
+                            f"min_start_epoch ({ph.min_start_epoch})")
+        epochs = meta[ph.store]["epochs"]
+        if ph.max_start_epoch - 1 + ph.expert_epochs > epochs:
+            raise LtddError(f"phase '{ph.name}': start epochs up to {ph.max_start_epoch - 1} + {ph.expert_epochs} "
+                            f"expert epochs exceed the {epochs} epochs of the {ph.store} experts")
+
+    # ---- initialisation ------------------------------------------------------------------------------------------
+    def _expert_fn(self, kind: str, index: int):
+        flat = self._trajectory(kind, index).final.to(self.device)
+
+        def fn(x):
+            out = []
+            for i in range(0, len(x), 512):
+                out.append(functional_forward(self.model, self.layout, flat, x[i:i + 512].to(self.device)))
+            return torch.cat(out)
+
+        return fn
+
+    def initialise(self) -> None:
+        cfg = self.cfg
+        kind = cfg.label_store
+        if kind not in ("representation", "classifier"):
+            raise LtddError(f"unknown label_store '{kind}' (known: representation, classifier)")
+        indices = self.store.indices(kind)
+        if not indices and (cfg.image_init == "correct" or (cfg.soft_labels and cfg.label_init != "onehot")):
+            raise LtddError(f"expert store has no {kind} experts to initialise images/labels from")
+        classify = self._expert_fn(kind, indices[0]) if indices else None
+        self.model.eval()
+        images, labels, sources = init_images(self.data, cfg.ipc, cfg.image_init, generator=self.generator,
+                                              classify=classify, duplicate=cfg.duplicate)
+        self.init_sources = sources
+        self.images = images.to(self.device).requires_grad_(True)
+        self.labels = labels.to(self.device)
+        if cfg.soft_labels:
+            fns = [self._expert_fn(kind, i) for i in indices] if cfg.label_init != "onehot" else None
+            y = init_soft_labels(self.images.detach(), self.labels.cpu(), self.data.num_classes, cfg.label_init,
+                                 fns, cfg.onehot_scale)
+            self.soft = y.to(self.device).requires_grad_(True)
+        else:
+            self.soft = None
+        self.model.train()
+        self.lr = torch.tensor(float(cfg.lr_init), device=self.device).requires_grad_(True)
+        self._make_optimisers()
+
+    def _make_optimisers(self) -> None:
+        cfg = self.cfg
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.opt_lr = torch.optim.SGD([self.lr], lr=cfg.lr_lr, momentum=cfg.momentum_lr)
+        self.opt_y = torch.optim.SGD([self.soft], lr=cfg.lr_y, momentum=cfg.momentum_y) if self.soft is not None \
+            else None
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "lr": self.lr.detach().cpu()}
+        if self.soft is not None:
+            out["soft_labels"] = self.soft.detach().cpu()
+            out.update(optimiser_tensors("opt_y", self.opt_y))
+        out.update(optimiser_tensors("opt_img", self.opt_img))
+        out.update(optimiser_tensors("opt_lr", self.opt_lr))
+        return out
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.images = t["images"].to(self.device).clone().requires_grad_(True)
+        self.labels = t["labels"].to(self.device).clone()
+        self.lr = t["lr"].to(self.device).clone().requires_grad_(True)
+        self.soft = t["soft_labels"].to(self.device).clone().requires_grad_(True) if "soft_labels" in t else None
+        self._make_optimisers()
+        load_optimiser_tensors("opt_img", self.opt_img, t)
+        load_optimiser_tensors("opt_lr", self.opt_lr, t)
+        if self.opt_y is not None:
+            load_optimiser_tensors("opt_y", self.opt_y, t)
+
+    def extra_state(self) -> dict:
+        return {"expert_order": self.expert_order, "expert_pos": self.expert_pos,
+                "py_rng": list(self.py_rng.getstate()[1]) + [self.py_rng.getstate()[0]]}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.expert_order = {k: list(v) for k, v in state.get("expert_order", {}).items()}
+        self.expert_pos = {k: int(v) for k, v in state.get("expert_pos", {}).items()}
+        if "py_rng" in state:
+            s = state["py_rng"]
+            self.py_rng.setstate((s[-1], tuple(s[:-1]), None))
+
+    def synthetic_set(self) -> SyntheticSet:
+        return SyntheticSet(self.images.detach().cpu(), self.labels.cpu(),
+                            self.soft.detach().cpu() if self.soft is not None else None, float(self.lr.detach()))
+
+    # ---- experts -------------------------------------------------------------------------------------------------
+    def _trajectory(self, kind: str, index: int) -> Trajectory:
+        key = (kind, index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        traj = self.store.load(kind, index)
+        self._cache[key] = traj
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return traj
+
+    def _next_expert(self, kind: str) -> int:
+        order = self.expert_order.get(kind)
+        pos = self.expert_pos.get(kind, 0)
+        if not order or pos >= len(order):
+            order = list(self.experts[kind])
+            self.py_rng.shuffle(order)
+            self.expert_order[kind] = order
+            pos = 0
+        self.expert_pos[kind] = pos + 1
+        return order[pos]
+
+    def start_epoch_bound(self, ph: PhaseConfig, iteration: int) -> int:
+        """Upper bound (exclusive) of the start epoch; DATM's sequential generation grows it linearly."""
+        if ph.expansion_end_iteration > 0 and ph.current_max_start_epoch is not None:
+            frac = min(1.0, iteration / ph.expansion_end_iteration)
+            up = int(ph.current_max_start_epoch + (ph.max_start_epoch - ph.current_max_start_epoch) * frac)
+        else:
+            up = ph.max_start_epoch
+        return max(up, ph.min_start_epoch + 1)  # never an empty window (the upstream randint(0, 0) crash)
+
+    # ---- the inner loop ------------------------------------------------------------------------------------------
+    def _inner_loss(self, ph: PhaseConfig, logits: torch.Tensor, idx: torch.Tensor, soft: torch.Tensor | None):
+        if ph.inner_loss == "ce" or soft is None:
+            kind = "dam" if ph.inner_loss == "dam" else "ce"
+            return classification_loss(logits, self.labels[idx], kind, class_weights=self.class_weights)
+        weights = self.class_weights if ph.inner_loss == "dam" else None
+        return soft_cross_entropy(logits, soft[idx], self.cfg.temperature, weights)
+
+    def _plan(self, ph: PhaseConfig) -> list[tuple[torch.Tensor, object]]:
+        """Minibatch indices and augmentation parameters of every inner step (drawn from the run's generator)."""
+        n = len(self.labels)
+        bs = n if ph.batch_syn is None else max(1, min(ph.batch_syn, n))
+        plan, perm, cursor = [], torch.randperm(n, generator=self.generator), 0
+        for _ in range(ph.syn_steps):
+            if cursor + bs > n:
+                perm, cursor = torch.randperm(n, generator=self.generator), 0
+            idx = perm[cursor:cursor + bs].to(self.device)
+            cursor += bs
+            aug = self.dsa.sample(bs, generator=self.generator, device=self.device) if self.dsa else None
+            plan.append((idx, aug))
+        return plan
+
+    def _batch(self, images: torch.Tensor, idx: torch.Tensor, aug) -> torch.Tensor:
+        xb = images[idx]
+        return self.dsa.apply(xb, aug) if aug is not None else xb
+
+    def _phase_exact(self, ph, theta0, target, plan, images, soft, alpha):
+        upd = self.masks[ph.student_update]
+        m = self.masks[ph.match]
+        theta = theta0.detach().clone().requires_grad_(True)
+        start = theta
+        for idx, aug in plan:
+            out = functional_forward(self.model, self.layout, theta, self._batch(images, idx, aug))
+            loss = self._inner_loss(ph, out, idx, soft)
+            g = torch.autograd.grad(loss, theta, create_graph=True)[0]
+            theta = theta - alpha * (g * upd)
+        num = ((theta - target) * m).pow(2).sum()
+        den = ((start.detach() - target) * m).pow(2).sum().clamp_min(1e-12)
+        return num / den
+
+    def _phase_constant_memory(self, ph, theta0, target, plan, images, soft, alpha, weight):
+        """Returns the (detached) phase loss and accumulates weight * dL/d(images, soft, alpha) into .grad."""
+        upd = self.masks[ph.student_update]
+        m = self.masks[ph.match]
+        a = alpha.detach()
+        img_d = images.detach()
+        soft_d = soft.detach() if soft is not None else None
+        # pass 1: the student trajectory without a graph; only the sum of the step gradients is kept
+        theta = theta0.detach().clone()
+        G = torch.zeros_like(theta)
+        for idx, aug in plan:
+            th = theta.requires_grad_(True)
+            out = functional_forward(self.model, self.layout, th, self._batch(img_d, idx, aug))
+            g = torch.autograd.grad(self._inner_loss(ph, out, idx, soft_d), th)[0] * upd
+            G += g
+            theta = (th - a * g).detach()
+        den = ((theta0 - target) * m).pow(2).sum().clamp_min(1e-12)
+        r = (theta0 - alpha * G - target) * m
+        loss = r.pow(2).sum() / den
+        (weight * loss).backward(inputs=[alpha])
+        coef = (-2.0 * a * r.detach() / den) * weight  # dL/dg_j, the same for every step
+        # pass 2: walk the trajectory again, back-propagating <coef, g_j> into step j's images and labels
+        theta = theta0.detach().clone()
+        inputs = [images] + ([soft] if soft is not None else [])
+        for idx, aug in plan:
+            th = theta.requires_grad_(True)
+            out = functional_forward(self.model, self.layout, th, self._batch(images, idx, aug))
+            g = torch.autograd.grad(self._inner_loss(ph, out, idx, soft), th, create_graph=True)[0] * upd
+            (coef * g).sum().backward(inputs=inputs)
+            theta = (th - a * g).detach()
+        return loss.detach()
+
+    def phase_loss_and_grads(self, ph: PhaseConfig, iteration: int) -> tuple[float, dict]:
+        kind = ph.store
+        expert = self._next_expert(kind)
+        up = self.start_epoch_bound(ph, iteration)
+        t = self.py_rng.randrange(ph.min_start_epoch, up)
+        traj = self._trajectory(kind, expert)
+        theta0 = traj.at(t).to(self.device)
+        target = traj.at(t + ph.expert_epochs).to(self.device)
+        plan = self._plan(ph)
+        if self.cfg.gradient == "exact":
+            loss = self._phase_exact(ph, theta0, target, plan, self.images, self.soft, self.lr)
+            (ph.weight * loss).backward(inputs=[self.images, self.lr] + ([self.soft] if self.soft is not None else []))
+            loss = loss.detach()
+        else:
+            loss = self._phase_constant_memory(ph, theta0, target, plan, self.images, self.soft, self.lr, ph.weight)
+        return float(loss), {"expert": expert, "start_epoch": t}
+
+    def step(self, iteration: int) -> dict:
+        for opt in (self.opt_img, self.opt_lr, self.opt_y):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        record: dict = {}
+        total = 0.0
+        for ph in self.cfg.phases:
+            loss, info = self.phase_loss_and_grads(ph, iteration)
+            record[f"loss/{ph.name}"] = loss
+            record[f"start/{ph.name}"] = info["start_epoch"]
+            total += ph.weight * loss
+        record["loss"] = total
+        for opt in (self.opt_img, self.opt_lr, self.opt_y):
+            if opt is not None:
+                opt.step()
+        with torch.no_grad():
+            self.lr.clamp_(min=self.cfg.lr_min)  # projection: the step size stays positive
+        record["lr"] = float(self.lr.detach())
+        return record
+
+    # used by tests and benchmarks: the total matching loss as a function of (images, soft, alpha)
+    def matching_loss(self, iteration: int = 0, gradient: str | None = None) -> torch.Tensor:
+        mode = gradient or self.cfg.gradient
+        if mode != "exact":
+            raise LtddError("matching_loss is only differentiable end-to-end in exact mode")
+        total = 0
+        for ph in self.cfg.phases:
+            kind = ph.store
+            expert = self._next_expert(kind)
+            t = self.py_rng.randrange(ph.min_start_epoch, self.start_epoch_bound(ph, iteration))
+            traj = self._trajectory(kind, expert)
+            plan = self._plan(ph)
+            total = total + ph.weight * self._phase_exact(ph, traj.at(t).to(self.device),
+                                                          traj.at(t + ph.expert_epochs).to(self.device), plan,
+                                                          self.images, self.soft, self.lr)
+        return total
+
+
+def phase_replace(ph: PhaseConfig, **kw) -> PhaseConfig:
+    return dataclasses.replace(ph, **kw)

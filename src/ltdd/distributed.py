@@ -1,0 +1,46 @@
+"""torch.distributed helpers: process-group setup from torchrun's environment, rank-local devices, sharding.
+
+Works with one process (no torchrun: rank 0 of 1, nothing initialised), with gloo on CPU and nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_from_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def dist_context(backend: str | None = None):
+    """Initialise the default process group when launched by torchrun; yields (rank, world_size)."""
+    rank, world = world_from_env()
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+        started = True
+    try:
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (rank, world)
+    finally:
+        if started:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def local_device(device: torch.device, rank: int) -> torch.device:
+    """With several processes on CUDA, each rank takes its own GPU (by LOCAL_RANK when set)."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return device
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """The items this rank handles: every world-th item starting at rank."""
+    return items[rank::world]

@@ -1,0 +1,264 @@
+"""Expert trajectories: representation experts, classifier experts, and the trajectory store.
+
+Store layout (one folder)::
+
+    store.json                      what the store is for: model, data fingerprint, parameter names, epochs
+    representation/expert_00007.safetensors
+    classifier/expert_00007.safetensors
+
+Each expert file holds ``trajectory`` (T x P, the flattened parameters at the stored epochs, fp32 or fp16),
+``epochs`` (the epoch index of each row; 0 = initial weights) and ``final`` (the final parameters, fp32, always
+kept because classifier experts and image initialisation start from it). Files are written atomically and only
+once; a store can be filled over several runs and by several processes (each expert is claimed with an
+exclusive lock file, so no two processes write the same file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
+
+from .config import ExpertConfig, atomic_write_bytes, atomic_write_text, to_dict
+from .errors import LtddError
+from .models import create_model
+from .models.functional import ParamLayout, load_flat
+from .train import train_model
+
+KINDS = ("representation", "classifier")
+
+
+def data_fingerprint(data) -> dict:
+    """What an expert store must agree with: dataset, split indices, preprocessing."""
+    h = hashlib.sha256(np.ascontiguousarray(data.split.indices).tobytes()).hexdigest()[:16]
+    return {"dataset": data.name, "num_classes": data.num_classes, "channels": data.channels,
+            "im_size": list(data.im_size), "num_train": int(len(data.train_y)), "split_sha": h,
+            "train_counts": list(map(int, data.train_counts))}
+
+
+@dataclass
+class Trajectory:
+    params: torch.Tensor  # T x P (float32)
+    epochs: list[int]
+    final: torch.Tensor  # P
+
+    def at(self, epoch: int) -> torch.Tensor:
+        """Parameters after ``epoch`` epochs (0 = initial weights); -1 = final."""
+        if epoch == -1:
+            return self.final
+        try:
+            return self.params[self.epochs.index(epoch)]
+        except ValueError:
+            raise LtddError(f"epoch {epoch} is not stored in this trajectory (stored: {self.epochs[:5]}"
+                            f"{'...' if len(self.epochs) > 5 else ''}); retrain experts with more --keep-epochs")\
+                from None
+
+
+class TrajectoryStore:
+    """A folder of expert trajectories for one (model, data split)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- metadata ----------------------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "store.json"
+
+    def meta(self) -> dict:
+        if not self.meta_path.is_file():
+            raise LtddError(f"{self.root} is not an expert store (no store.json); train experts with `ltdd experts`")
+        try:
+            return json.loads(self.meta_path.read_text())
+        except json.JSONDecodeError:
+            raise LtddError(f"{self.meta_path} is corrupt (not JSON)") from None
+
+    def initialise(self, cfg: ExpertConfig, data, layout: ParamLayout) -> None:
+        """Create store.json, or check that an existing store matches this model and data."""
+        meta = {"format": 1, "model": to_dict(cfg.model), "data": data_fingerprint(data),
+                "param_names": layout.names, "param_shapes": [list(s) for s in layout.shapes],
+                "num_params": layout.total, "backbone_params": int(layout.mask("backbone").sum()),
+                "representation": {"epochs": cfg.epochs, "train": to_dict(cfg.train)},
+                "classifier": {"epochs": cfg.classifier_epochs, "train": to_dict(cfg.classifier_train)},
+                "fp16": cfg.fp16}
+        if self.meta_path.is_file():
+            self.check(cfg.model, data, layout)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.meta_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+        except FileExistsError:  # another process won the race
+            time.sleep(0.2)
+            self.check(cfg.model, data, layout)
+            return
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
+
+    def check(self, model_cfg, data, layout: ParamLayout | None = None) -> dict:
+        meta = self.meta()
+        want = data_fingerprint(data)
+        have = meta.get("data", {})
+        for key in ("dataset", "num_classes", "channels", "im_size", "num_train", "split_sha"):
+            if have.get(key) != want[key]:
+                raise LtddError(f"expert store {self.root} was trained on different data ({key}: {have.get(key)} "
+                                f"vs {want[key]}); use a store made for this split")
+        if model_cfg is not None and meta.get("model") != to_dict(model_cfg):
+            raise LtddError(f"expert store {self.root} holds model {meta.get('model')}, not {to_dict(model_cfg)}")
+        if layout is not None and meta.get("param_names") != layout.names:
+            raise LtddError(f"expert store {self.root} has different parameter names than the model")
+        return meta
+
+    # ---- experts -----------------------------------------------------------------------------------------------
+    def path(self, kind: str, index: int) -> Path:
+        return self.root / kind / f"expert_{index:05d}.safetensors"
+
+    def indices(self, kind: str) -> list[int]:
+        d = self.root / kind
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem.split("_")[1]) for p in d.glob("expert_*.safetensors"))
+
+    def save(self, kind: str, index: int, traj: Trajectory, fp16: bool = False) -> None:
+        tensors = {"trajectory": traj.params.to(torch.float16 if fp16 else torch.float32).contiguous(),
+                   "epochs": torch.tensor(traj.epochs, dtype=torch.int64),
+                   "final": traj.final.float().contiguous()}
+        atomic_write_bytes(self.path(kind, index), st_save(tensors, metadata={"kind": kind, "index": str(index)}))
+
+    def load(self, kind: str, index: int) -> Trajectory:
+        p = self.path(kind, index)
+        try:
+            t = st_load(p.read_bytes())
+        except FileNotFoundError:
+            raise LtddError(f"expert file missing: {p}") from None
+        except Exception as e:  # noqa: BLE001
+            raise LtddError(f"expert file {p} is corrupt ({str(e).splitlines()[0][:100]})") from None
+        return Trajectory(t["trajectory"].float(), t["epochs"].tolist(), t["final"].float())
+
+    def claim(self, kind: str, index: int) -> bool:
+        """Take an exclusive claim on an expert that is not trained yet (for concurrent fillers)."""
+        if self.path(kind, index).exists():
+            return False
+        lock = self.path(kind, index).with_suffix(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            # a stale lock (its owner died) is older than one hour without a result: take it over
+            if time.time() - lock.stat().st_mtime > 3600:
+                lock.unlink(missing_ok=True)
+                return self.claim(kind, index)
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+    def release(self, kind: str, index: int) -> None:
+        self.path(kind, index).with_suffix(".lock").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _record(layout: ParamLayout, keep: set[int] | None):
+    rows: list[torch.Tensor] = []
+    epochs: list[int] = []
+
+    def snap(epoch_index: int, model) -> None:
+        if keep is None or epoch_index in keep:
+            rows.append(layout.flatten(model).detach().float().cpu().clone())
+            epochs.append(epoch_index)
+
+    return rows, epochs, snap
+
+
+def train_representation_expert(cfg: ExpertConfig, data, index: int, device, progress: bool = False):
+    torch.manual_seed(cfg.seed * 100003 + index)
+    model = create_model(cfg.model.name, data.num_classes, data.channels, data.im_size, **cfg.model.args).to(device)
+    layout = ParamLayout(model)
+    keep = set(cfg.keep_epochs) if cfg.keep_epochs is not None else None
+    rows, epochs, snap = _record(layout, keep)
+    snap(0, model)
+    tcfg = dataclasses.replace(cfg.train, epochs=cfg.epochs)
+    train_model(model, data.train_x, data.train_y, tcfg, num_classes=data.num_classes,
+                class_counts=data.train_counts, seed=cfg.seed * 100003 + index, progress=progress,
+                desc=f"expert {index}", on_epoch_end=lambda e, m: snap(e + 1, m))
+    final = layout.flatten(model).detach().float().cpu().clone()
+    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.epochs], final)
+
+
+def train_classifier_expert(cfg: ExpertConfig, data, index: int, start: torch.Tensor, device,
+                            progress: bool = False):
+    """cRT-style classifier expert: the representation expert's final weights, backbone frozen, classifier
+    re-trained with the class-aware sampler (lad.md §3.2). Snapshot 0 equals the representation expert's final."""
+    model = create_model(cfg.model.name, data.num_classes, data.channels, data.im_size, **cfg.model.args).to(device)
+    layout = ParamLayout(model)
+    load_flat(model, layout, start.to(device))
+    keep = set(cfg.classifier_keep_epochs) if cfg.classifier_keep_epochs is not None else None
+    rows, epochs, snap = _record(layout, keep)
+    snap(0, model)
+    tcfg = dataclasses.replace(cfg.classifier_train, epochs=cfg.classifier_epochs)
+    train_model(model, data.train_x, data.train_y, tcfg, num_classes=data.num_classes,
+                class_counts=data.train_counts, seed=cfg.seed * 100003 + index + 7, progress=progress,
+                desc=f"classifier expert {index}", on_epoch_end=lambda e, m: snap(e + 1, m))
+    final = layout.flatten(model).detach().float().cpu().clone()
+    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.classifier_epochs], final)
+
+
+def train_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, device=None, rank: int = 0, world: int = 1,
+                  progress: bool = True, log=None) -> dict:
+    """Fill the store up to ``cfg.num_experts`` representation (and classifier) experts.
+
+    Already-trained experts are skipped; with ``world`` > 1 this process takes the indices ``i % world == rank``.
+    Returns counts and seconds.
+    """
+    from .evaluate import test_metrics
+
+    device = device or torch.device("cpu")
+    store = TrajectoryStore(store_dir)
+    probe = create_model(cfg.model.name, data.num_classes, data.channels, data.im_size, **cfg.model.args)
+    layout = ParamLayout(probe)
+    store.initialise(cfg, data, layout)
+    done = {"representation": 0, "classifier": 0}
+    t0 = time.time()
+    for index in tqdm(range(rank, cfg.num_experts, world), desc="experts", disable=not progress):
+        rep_exists = store.path("representation", index).exists()
+        cls_needed = cfg.classifier_experts and not store.path("classifier", index).exists()
+        if rep_exists and not cls_needed:
+            continue
+        if not rep_exists:
+            if not store.claim("representation", index):
+                continue
+            try:
+                model, traj = train_representation_expert(cfg, data, index, device, progress=False)
+                store.save("representation", index, traj, cfg.fp16)
+            finally:
+                store.release("representation", index)
+            done["representation"] += 1
+            if log:
+                log({"expert": index, "kind": "representation", "test_acc": test_metrics(model, data).accuracy,
+                     "seconds": time.time() - t0})
+        if cls_needed:
+            if not store.claim("classifier", index):
+                continue
+            try:
+                start = store.load("representation", index).final
+                model, traj = train_classifier_expert(cfg, data, index, start, device, progress=False)
+                store.save("classifier", index, traj, cfg.fp16)
+            finally:
+                store.release("classifier", index)
+            done["classifier"] += 1
+            if log:
+                log({"expert": index, "kind": "classifier", "test_acc": test_metrics(model, data).accuracy,
+                     "seconds": time.time() - t0})
+    return {"trained": done, "seconds": time.time() - t0,
+            "available": {k: len(store.indices(k)) for k in KINDS}}

@@ -1,0 +1,135 @@
+"""Plots and Markdown/HTML reports for a run folder.
+
+``write_report(run_dir)`` collects every ``eval.json`` (distilled sets) and ``full_data.json`` / ``metrics.json``
+(full-data training) below ``run_dir`` and writes ``report.md`` and ``report.html`` (plots embedded) plus
+``per_class.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from .config import atomic_write_bytes, atomic_write_text
+from .errors import LtddError
+
+
+def _pct(ms) -> str:
+    if not ms or ms.get("mean") is None:
+        return "–"
+    return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+
+
+def collect(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(run_dir.rglob("*.json")):
+        if path.name not in ("eval.json", "full_data.json", "metrics.json"):
+            continue
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        summary = obj.get("summary")
+        if not summary or "accuracy" not in summary:
+            continue
+        name = obj.get("method") or path.parent.relative_to(run_dir).as_posix() or path.stem
+        if path.name == "full_data.json":
+            name = f"full data ({obj.get('method', 'erm')})"
+        rows.append({"name": name, "path": str(path.relative_to(run_dir)), "summary": summary,
+                     "seconds": obj.get("seconds")})
+    return rows
+
+
+def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(rows[0]["summary"]["per_class"])
+    names = class_names or [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * n + 2), 3.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        pc = np.asarray(row["summary"]["per_class"], dtype=float) * 100
+        ax.bar(np.arange(n) + (i - (len(rows) - 1) / 2) * width, pc, width, label=row["name"])
+    ax.set_xticks(np.arange(n))
+    ax.set_xticklabels(names[:n], rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel("class (head → tail)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LtddError(f"run folder not found: {run_dir}")
+    rows = collect(run_dir)
+    if not rows:
+        raise LtddError(f"no eval.json / full_data.json / metrics.json found under {run_dir}")
+    class_names = None
+    data_json = run_dir / "data.json"
+    if data_json.is_file():
+        class_names = json.loads(data_json.read_text()).get("class_names")
+    per_class_plot(rows, class_names, run_dir / "per_class.png")
+    lines = [f"# ltdd report: {run_dir.name}", "",
+             "| method | accuracy % | class std % | worst class % | head | medium | tail | runs | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s = r["summary"]
+        g = s.get("groups", {})
+        sec = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), (int, float)) else "–"
+        lines.append(f"| {r['name']} | {_pct(s['accuracy'])} | {_pct(s['class_std'])} | {_pct(s['worst_accuracy'])} "
+                     f"| {_pct(g.get('head'))} | {_pct(g.get('medium'))} | {_pct(g.get('tail'))} | {s['runs']} | {sec} |")
+    lines += ["", "Per-class accuracy (mean over runs):", "", "![per-class accuracy](per_class.png)", ""]
+    grids = sorted(run_dir.rglob("grid.png"))
+    for g in grids:
+        lines += [f"Synthetic images ({g.parent.relative_to(run_dir).as_posix()}):", "",
+                  f"![grid]({g.relative_to(run_dir).as_posix()})", ""]
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(run_dir / "report.md", md)
+    html = _to_html(md, run_dir)
+    atomic_write_text(run_dir / "report.html", html)
+    return run_dir / "report.md"
+
+
+def _to_html(md: str, base: Path) -> str:
+    import html as H
+    import re
+
+    out = ["<!doctype html><meta charset='utf-8'><title>ltdd report</title>",
+           "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style>"]
+    table: list[str] = []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= set("- ") for c in cells):
+                continue
+            tag = "th" if not table else "td"
+            table.append("<tr>" + "".join(f"<{tag}>{H.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            out.append("<table>" + "".join(table) + "</table>")
+            table = []
+        m = re.match(r"!\[(.*)\]\((.*)\)", line)
+        if m:
+            data = base64.b64encode((base / m.group(2)).read_bytes()).decode()
+            out.append(f"<p><img alt='{H.escape(m.group(1))}' src='data:image/png;base64,{data}'></p>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{H.escape(line[2:])}</h1>")
+        elif line.strip():
+            out.append(f"<p>{H.escape(line)}</p>")
+    if table:
+        out.append("<table>" + "".join(table) + "</table>")
+    return "\n".join(out) + "\n"
