@@ -129,9 +129,9 @@ class TrajectoryStore:
         return sorted(int(p.stem.split("_")[1]) for p in d.glob("expert_*.safetensors"))
 
     def save(self, kind: str, index: int, traj: Trajectory, fp16: bool = False) -> None:
-        tensors = {"trajectory": traj.params.to(torch.float16 if fp16 else torch.float32).contiguous(),
+        tensors = {"trajectory": traj.params.to(torch.float16 if fp16 else torch.float32).contiguous().clone(),
                    "epochs": torch.tensor(traj.epochs, dtype=torch.int64),
-                   "final": traj.final.float().contiguous()}
+                   "final": traj.final.float().contiguous().clone()}
         atomic_write_bytes(self.path(kind, index), st_save(tensors, metadata={"kind": kind, "index": str(index)}))
 
     def load(self, kind: str, index: int) -> Trajectory:

@@ -296,8 +296,9 @@ class TrajectoryMatching(Distiller):
         up = self.start_epoch_bound(ph, iteration)
         t = self.py_rng.randrange(ph.min_start_epoch, up)
         traj = self._trajectory(kind, expert)
-        theta0 = traj.at(t).to(self.device)
-        target = traj.at(t + ph.expert_epochs).to(self.device)
+        dtype = self.images.dtype
+        theta0 = traj.at(t).to(self.device, dtype)
+        target = traj.at(t + ph.expert_epochs).to(self.device, dtype)
         plan = self._plan(ph)
         if self.cfg.gradient == "exact":
             loss = self._phase_exact(ph, theta0, target, plan, self.images, self.soft, self.lr)
