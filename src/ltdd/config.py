@@ -108,6 +108,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise LtddError(f"config {where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LtddError(f"config {where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,105 @@
+"""The training loop: samplers, losses, cRT freezing, SAM/GSAM, learning on a tiny problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltdd.config import TrainConfig
+from ltdd.errors import LtddError
+from ltdd.losses import classification_loss, dam_weights, soft_cross_entropy
+from ltdd.models import create_model
+from ltdd.train import class_aware_order, class_balanced_order, lr_at, train_model
+
+
+def test_class_aware_sampler_visits():
+    labels = np.array([0] * 20 + [1] * 5 + [2] * 2)
+    order = class_aware_order(labels, 3, np.random.default_rng(0), samples_per_visit=4)
+    assert len(order) == 20 * 3  # n_max x C
+    blocks = labels[order].reshape(-1, 4)
+    assert (blocks == blocks[:, :1]).all()  # each visit: 4 consecutive samples of one class
+    counts = np.bincount(labels[order], minlength=3)
+    assert counts.tolist() == [20, 20, 20]  # every class seen n_max times
+    # a class's own iterator is cyclic: the 2 tail images alternate within each reshuffled cycle
+    tail = order[labels[order] == 2]
+    for i in range(0, len(tail) - 1, 2):
+        assert set(tail[i:i + 2]) == {25, 26}
+
+
+def test_class_balanced_sampler_is_balanced():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    order = class_balanced_order(labels, 3, np.random.default_rng(0), length=30000)
+    frac = np.bincount(labels[order], minlength=3) / 30000
+    assert np.allclose(frac, 1 / 3, atol=0.02)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(epochs=10, schedule="step_half")
+    assert lr_at(cfg, 4, 1.0) == 1.0 and lr_at(cfg, 5, 1.0) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(epochs=10, schedule="cosine"), 0, 1.0) == 1.0
+    with pytest.raises(LtddError):
+        lr_at(TrainConfig(schedule="bogus"), 0, 1.0)
+
+
+def test_soft_ce_and_dam_reduce_to_known_forms():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 4), torch.randn(6, 4)
+    p = F.softmax(target, 1)
+    assert torch.allclose(soft_cross_entropy(logits, target), -(p * F.log_softmax(logits, 1)).sum(1).mean())
+    # DAM with uniform class counts is soft CE divided by C
+    w = dam_weights([5, 5, 5, 5])
+    assert torch.allclose(soft_cross_entropy(logits, target, class_weights=w), soft_cross_entropy(logits, target) / 4)
+    # DAM weights are the class frequencies (sum 1); eps smoothing as in the released code
+    assert torch.allclose(dam_weights([30, 10]), torch.tensor([0.75, 0.25]))
+    assert torch.allclose(dam_weights([30, 10], epsilon=10), torch.tensor([40 / 50, 20 / 50]))
+    # hard-label DAM = pi_y * CE
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    w = dam_weights([4, 3, 2, 1])
+    manual = (w[y] * F.cross_entropy(logits, y, reduction="none")).mean()
+    assert torch.allclose(classification_loss(logits, y, "dam", class_weights=w), manual)
+
+
+def test_balanced_softmax_is_ce_on_shifted_logits():
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    pri = torch.tensor([0.7, 0.2, 0.1])
+    got = classification_loss(logits, y, "balanced_softmax", priors=pri)
+    assert torch.allclose(got, F.cross_entropy(logits + pri.log(), y))
+    got2 = classification_loss(logits, y, "logit_adjust", priors=pri, tau=2.0)
+    assert torch.allclose(got2, F.cross_entropy(logits + 2 * pri.log(), y))
+
+
+def test_training_learns_and_crt_freezes_backbone(tiny_data):
+    torch.manual_seed(0)
+    model = create_model("convnet", 3, 1, (8, 8), width=8, depth=2)
+    cfg = TrainConfig(epochs=30, lr=0.05, batch_size=8, dsa=False, schedule="constant")
+    train_model(model, tiny_data.train_x, tiny_data.train_y, cfg, seed=0)
+    acc = (model.eval()(tiny_data.test_x).argmax(1) == tiny_data.test_y).float().mean()
+    assert acc > 0.8  # separable classes, chance is 1/3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    crt = TrainConfig(epochs=2, lr=0.5, batch_size=8, dsa=True, dsa_strategy="flip", sampler="class_aware",
+                      trainable="classifier", momentum=0.0)
+    train_model(model, tiny_data.train_x, tiny_data.train_y, crt, seed=1)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith("classifier."):
+            assert not torch.equal(before[k], after[k])
+        else:
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_soft_label_training_and_gsam_run(tiny_data):
+    model = create_model("convnet", 3, 1, (8, 8), width=4, depth=1)
+    soft = F.one_hot(tiny_data.train_y, 3).float() * 4
+    cfg = TrainConfig(epochs=2, batch_size=8, dsa=False, sam_rho=0.05, gsam_alpha=0.3)
+    train_model(model, tiny_data.train_x, soft, cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_is_reported(tiny_data):
+    model = create_model("convnet", 3, 1, (8, 8), width=4, depth=1)
+    with pytest.raises(LtddError, match="diverged"):
+        train_model(model, tiny_data.train_x * 1e30, tiny_data.train_y,
+                    TrainConfig(epochs=1, lr=1e30, dsa=False, batch_size=64))
