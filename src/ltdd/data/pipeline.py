@@ -1,0 +1,145 @@
+"""From a :class:`~ltdd.config.DataConfig` to tensors: load the source, cut the long-tailed split, fit the
+preprocessing on that split only, and apply the same preprocessing to the balanced test set (and the probe split)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import LtddError
+from .longtail import LongTailSplit, class_groups, make_longtail, probe_split
+from .sources import SourceData, load_source
+from .transforms import Preprocessor
+
+__all__ = ["PreparedData", "prepare_data"]
+
+
+@dataclass
+class PreparedData:
+    name: str
+    class_names: list[str]
+    num_classes: int
+    channels: int
+    im_size: tuple[int, int]
+    train_x: torch.Tensor  # float32 (N, C, H, W), model input space, long-tailed split only
+    train_y: torch.Tensor  # int64
+    test_x: torch.Tensor  # balanced test set, same preprocessing
+    test_y: torch.Tensor
+    train_counts: list[int]
+    test_counts: list[int]
+    split: LongTailSplit
+    preprocessor: Preprocessor
+    probe_x: torch.Tensor | None = None
+    probe_y: torch.Tensor | None = None
+    groups: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_y.shape[0])
+
+    def class_priors(self) -> torch.Tensor:
+        """Training class frequencies ``train_counts / sum`` as float32 ``(num_classes,)``."""
+        counts = torch.tensor(self.train_counts, dtype=torch.float32)
+        return counts / counts.sum()
+
+    def class_indices(self, c: int) -> torch.Tensor:
+        """Positions in ``train_x`` of the images of class ``c``."""
+        return torch.nonzero(self.train_y == c, as_tuple=False).flatten()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "im_size": list(self.im_size),
+            "train_counts": list(self.train_counts),
+            "test_counts": list(self.test_counts),
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "num_probe": 0 if self.probe_y is None else int(self.probe_y.shape[0]),
+            "imbalance_factor": float(self.split.imbalance_factor),
+            "measured_imbalance": (
+                max(self.train_counts) / max(1, min(self.train_counts)) if self.train_counts else None
+            ),
+            "n_max": int(self.split.n_max),
+            "profile": self.split.profile,
+            "seed": int(self.split.seed),
+            "class_order": list(self.split.class_order),
+            "groups": {k: list(v) for k, v in self.groups.items()},
+            "transform": self.preprocessor.config(),
+        }
+
+
+def _counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def prepare_data(cfg: DataConfig, *, cache_dir=None) -> PreparedData:
+    """Load ``cfg.dataset``, build its long-tailed split and preprocess train / test / probe tensors."""
+    imbalance = cfg.resolved_imbalance_factor()
+    if cfg.label_kind not in ("fine", "coarse"):
+        raise LtddError(f"label_kind must be 'fine' or 'coarse', got '{cfg.label_kind}'")
+    src: SourceData = load_source(
+        cfg.dataset,
+        cfg.root,
+        label_kind=cfg.label_kind,
+        image_size=cfg.image_size,
+        test_per_class=cfg.test_per_class,
+        seed=cfg.seed,
+        cache_dir=cache_dir,
+    )
+    names = src.train.class_names
+    C = len(names)
+    if src.test.class_names != names:
+        raise LtddError(f"dataset '{src.name}': test classes differ from train classes")
+    split = make_longtail(
+        src.train.labels,
+        C,
+        imbalance,
+        max_per_class=cfg.max_per_class,
+        profile=cfg.profile,
+        seed=cfg.seed,
+        class_order=cfg.class_order,
+        class_names=names,
+    )
+    train_images = src.train.images[split.indices]
+    train_labels = src.train.labels[split.indices]
+
+    pre = Preprocessor(normalize=cfg.normalize, zca=cfg.zca, zca_eps=cfg.zca_eps).fit(train_images)
+    train_x = pre(train_images)
+    test_x = pre(src.test.images)
+
+    probe_x = probe_y = None
+    if cfg.probe_per_class and cfg.probe_per_class > 0:
+        pidx = probe_split(src.train.labels, C, split.indices, cfg.probe_per_class, seed=cfg.seed)
+        probe_x = pre(src.train.images[pidx])
+        probe_y = torch.from_numpy(src.train.labels[pidx].astype(np.int64))
+
+    _, h, w, channels = src.train.images.shape
+    train_counts = _counts(train_labels, C)
+    return PreparedData(
+        name=src.name,
+        class_names=list(names),
+        num_classes=C,
+        channels=int(channels),
+        im_size=(int(h), int(w)),
+        train_x=train_x,
+        train_y=torch.from_numpy(train_labels.astype(np.int64)),
+        test_x=test_x,
+        test_y=torch.from_numpy(src.test.labels.astype(np.int64)),
+        train_counts=train_counts,
+        test_counts=_counts(src.test.labels, C),
+        split=split,
+        preprocessor=pre,
+        probe_x=probe_x,
+        probe_y=probe_y,
+        groups=class_groups(train_counts, class_order=split.class_order),
+    )
