@@ -77,3 +77,16 @@ def test_claims_are_exclusive(tmp_path, tiny_data):
     assert not store.claim("representation", 5)
     store.release("representation", 5)
     assert store.claim("representation", 5)
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+
+    store = TrajectoryStore(tmp_path / "s")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    lock = store.path("representation", 1).with_suffix(".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{socket.gethostname()}:{proc.pid}")  # a killed rank left its lock behind
+    assert store.claim("representation", 1)

@@ -44,3 +44,30 @@ def local_device(device: torch.device, rank: int) -> torch.device:
 def shard(items: list, rank: int, world: int) -> list:
     """The items this rank handles: every world-th item starting at rank."""
     return items[rank::world]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def gather_by_index(local: dict[int, object], total: int) -> list:
+    """Each rank computed some items of a list (a dict index -> item); every rank gets the full list back."""
+    if not is_distributed():
+        return [local[i] for i in range(total)]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p)
+    return [merged[i] for i in range(total)]
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op with one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

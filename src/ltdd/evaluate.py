@@ -139,13 +139,17 @@ def run_protocol(images: torch.Tensor, labels: torch.Tensor, data, protocol: Pro
     use_lr = float(lr) if (lr is not None and protocol.use_learned_lr) else protocol.train.lr
     targets = soft_labels.float() if soft_labels is not None else labels.long()
     n_runs = protocol.runs if runs is None else runs
+    from .distributed import gather_by_index, rank_world
+
     t0 = time.time()
-    results = []
-    for r in range(n_runs):
+    rank, world = rank_world()  # under torchrun the runs are spread over the ranks
+    local = {}
+    for r in range(rank, n_runs, world):
         torch.manual_seed(seed * 1000 + r)
         model = create_model(protocol.model.name, data.num_classes, data.channels, data.im_size,
                              **protocol.model.args).to(device)
         train_model(model, images, targets, protocol.train, num_classes=data.num_classes, lr=use_lr,
                     seed=seed * 1000 + r, progress=progress, desc=f"eval run {r + 1}/{n_runs}")
-        results.append(test_metrics(model, data, protocol.test_batch_size))
+        local[r] = test_metrics(model, data, protocol.test_batch_size)
+    results = gather_by_index(local, n_runs)
     return ProtocolResult(results, summarise(results), use_lr, time.time() - t0)

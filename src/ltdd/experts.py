@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,11 @@ class TrajectoryStore:
         return Trajectory(t["trajectory"].float(), t["epochs"].tolist(), t["final"].float())
 
     def claim(self, kind: str, index: int) -> bool:
-        """Take an exclusive claim on an expert that is not trained yet (for concurrent fillers)."""
+        """Take an exclusive claim on an expert that is not trained yet (for concurrent fillers).
+
+        The lock file names its owner (host:pid). A lock whose owner process is gone (a killed rank) is taken over,
+        so a restart redoes exactly the missing experts.
+        """
         if self.path(kind, index).exists():
             return False
         lock = self.path(kind, index).with_suffix(".lock")
@@ -153,17 +158,34 @@ class TrajectoryStore:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            # a stale lock (its owner died) is older than one hour without a result: take it over
-            if time.time() - lock.stat().st_mtime > 3600:
+            if _lock_is_stale(lock):
                 lock.unlink(missing_ok=True)
                 return self.claim(kind, index)
             return False
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
         os.close(fd)
         return True
 
     def release(self, kind: str, index: int) -> None:
         self.path(kind, index).with_suffix(".lock").unlink(missing_ok=True)
+
+
+def _lock_is_stale(lock: Path) -> bool:
+    try:
+        owner = lock.read_text().strip()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return age > 24 * 3600  # another host: only a very old lock is presumed dead
 
 
 # ----------------------------------------------------------------------------------------------------------------
