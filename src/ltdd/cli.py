@@ -45,6 +45,10 @@ def data_config(base: C.DataConfig | None = None, **kw) -> C.DataConfig:
     if kw.get("no_zca"):
         upd["zca"] = False
     if upd.get("dataset") and upd["dataset"] != "digits" and "root" not in upd and cfg.root is None:
+        from .data import list_sources
+
+        if str(upd["dataset"]).strip().lower() not in list_sources():  # say "unknown", not "--root is required"
+            raise LtddError(f"unknown dataset '{upd['dataset']}' (known: {', '.join(list_sources())})")
         raise LtddError(f"--root is required for dataset '{upd['dataset']}'")
     cfg = C.from_dict(C.DataConfig, C.merge(C.to_dict(cfg), upd))
     cfg.resolved_imbalance_factor()
@@ -207,9 +211,6 @@ def main(argv=None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 def preset_options(f):
@@ -322,3 +323,12 @@ def report_cmd(run_dir):
 
     path = write_report(run_dir)
     click.echo(f"wrote {path} and {path.with_suffix('.html')}")
+
+
+from .cli_analysis import register as _register_analysis  # noqa: E402  (groups, two-stage)
+
+_register_analysis(cli)
+
+
+if __name__ == "__main__":  # at the end, so that `python -m ltdd.cli` sees every command
+    main()
