@@ -25,6 +25,10 @@ def dist_context(backend: str | None = None):
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend)
         started = True
+    if world > 1 and not torch.cuda.is_available():
+        # CPU ranks share the machine's cores: give each its share instead of oversubscribing
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
         yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (rank, world)
     finally:
