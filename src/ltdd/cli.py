@@ -325,6 +325,47 @@ def report_cmd(run_dir):
     click.echo(f"wrote {path} and {path.with_suffix('.html')}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+@cli.command("export")
+@click.argument("distilled", type=click.Path())
+@click.option("--format", "fmt", default="imagefolder", help="imagefolder | ddranking")
+@click.option("--out", required=True, type=click.Path(), help="output folder (must be new or empty)")
+@click.option("--overwrite", is_flag=True, help="replace a non-empty --out")
+@data_options
+def export_cmd(distilled, fmt, out, overwrite, **kw):
+    """Export a distilled set: un-whitened PNGs in out/<class>/<i>.png, or DD-Ranking's images.pt, labels.pt, lr.pt."""
+    import hashlib
+
+    from .export import export_ddranking, export_imagefolder
+    from .synset import SyntheticSet
+
+    if fmt not in ("imagefolder", "ddranking"):
+        raise LtddError(f"unknown export format '{fmt}' (known: imagefolder, ddranking)")
+    syn = SyntheticSet.load(distilled)
+    if fmt == "ddranking":
+        paths = export_ddranking(syn, out, overwrite=overwrite)
+        click.echo(f"wrote {', '.join(p.name for p in paths.values())} in {out}")
+        return
+    base = C.from_dict(C.DataConfig, syn.meta["data"]) if isinstance(syn.meta.get("data"), dict) else None
+    if base is None and not kw.get("dataset"):
+        raise LtddError(f"{distilled} does not say which data it was distilled from; pass --dataset (and --root)")
+    cfg = data_config(base, **kw)
+    data = _prepare(cfg)
+    want = syn.meta.get("split_sha")
+    got = hashlib.sha256(data.split.indices.tobytes()).hexdigest()[:16]
+    if want and want != got:
+        raise LtddError(f"the long-tailed split rebuilt for {distilled} differs from the one it was distilled on, so "
+                        "its preprocessing cannot be undone; check --root and the data options")
+    if tuple(syn.images.shape[1:]) != (data.channels, *data.im_size):
+        raise LtddError(f"images have shape {tuple(syn.images.shape)}, expected (N, {data.channels}, "
+                        f"{data.im_size[0]}, {data.im_size[1]}) for dataset {data.name}")
+    if len(syn.labels) and int(syn.labels.max()) >= data.num_classes:
+        raise LtddError(f"distilled labels go up to {int(syn.labels.max())}, but {data.name} has "
+                        f"{data.num_classes} classes")
+    export_imagefolder(syn, data, out, data.class_names, overwrite=overwrite)
+    click.echo(f"wrote {len(syn.labels)} PNGs in {data.num_classes} class folders under {out}")
+
+
 from .cli_analysis import register as _register_analysis  # noqa: E402  (groups, two-stage)
 
 _register_analysis(cli)

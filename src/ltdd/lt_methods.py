@@ -48,12 +48,19 @@ def train_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, c
     train_model(model, data.train_x, data.train_y, stage1, num_classes=data.num_classes,
                 class_counts=data.train_counts, seed=seed, progress=progress, desc=f"{method}")
     if method == "crt":
-        model.classifier.reset_parameters()
-        stage2 = dataclasses.replace(cfg, epochs=crt_epochs, sampler="class_balanced", loss="ce",
-                                     trainable="classifier", weight_decay=0.0, schedule="cosine")
-        train_model(model, data.train_x, data.train_y, stage2, num_classes=data.num_classes,
-                    class_counts=data.train_counts, seed=seed + 1, progress=progress, desc="crt classifier")
+        crt_stage(model, data, cfg, crt_epochs=crt_epochs, seed=seed, progress=progress)
     return model, test_metrics(model, data)
+
+
+def crt_stage(model, data, cfg: TrainConfig, *, crt_epochs: int = 10, seed: int = 0, progress: bool = False):
+    """cRT's second stage, in place: re-initialise the linear classifier and re-train it on the frozen backbone
+    with class-balanced sampling. ``seed`` is the run's seed (stage two uses ``seed + 1``)."""
+    model.classifier.reset_parameters()
+    stage2 = dataclasses.replace(cfg, epochs=crt_epochs, sampler="class_balanced", loss="ce",
+                                 trainable="classifier", weight_decay=0.0, schedule="cosine")
+    train_model(model, data.train_x, data.train_y, stage2, num_classes=data.num_classes,
+                class_counts=data.train_counts, seed=seed + 1, progress=progress, desc="crt classifier")
+    return model
 
 
 def run_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, runs: int = 1, device=None,

@@ -11,7 +11,8 @@ import torch
 from ..config import DataConfig
 from ..errors import LtddError
 from .longtail import LongTailSplit, class_groups, make_longtail, probe_split
-from .sources import SourceData, load_source
+from .cache import prepared_key, prepared_path, read_prepared, worth_caching, write_prepared
+from .sources import SourceData, _resolve_cache_dir, load_source
 from .transforms import Preprocessor
 
 __all__ = ["PreparedData", "prepare_data"]
@@ -82,8 +83,14 @@ def _counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
-def prepare_data(cfg: DataConfig, *, cache_dir=None) -> PreparedData:
-    """Load ``cfg.dataset``, build its long-tailed split and preprocess train / test / probe tensors."""
+def prepare_data(cfg: DataConfig, *, cache_dir=None, cache_prepared: bool | None = None) -> PreparedData:
+    """Load ``cfg.dataset``, build its long-tailed split and preprocess train / test / probe tensors.
+
+    ``cache_dir``: the data cache folder (``None``: ``$LTDD_CACHE_DIR`` or ``~/.cache/ltdd``; ``False``: no
+    caching at all). ``cache_prepared``: store the fitted preprocessing and the preprocessed tensors there
+    (:mod:`ltdd.data.cache`); ``None`` does so when it pays (ZCA on images as large as CIFAR's), ``True`` always,
+    ``False`` never. A cached result is bit-for-bit the one computed without the cache.
+    """
     imbalance = cfg.resolved_imbalance_factor()
     if cfg.label_kind not in ("fine", "coarse"):
         raise LtddError(f"label_kind must be 'fine' or 'coarse', got '{cfg.label_kind}'")
@@ -112,18 +119,42 @@ def prepare_data(cfg: DataConfig, *, cache_dir=None) -> PreparedData:
     )
     train_images = src.train.images[split.indices]
     train_labels = src.train.labels[split.indices]
-
-    pre = Preprocessor(normalize=cfg.normalize, zca=cfg.zca, zca_eps=cfg.zca_eps).fit(train_images)
-    train_x = pre(train_images)
-    test_x = pre(src.test.images)
-
-    probe_x = probe_y = None
+    pidx = None
     if cfg.probe_per_class and cfg.probe_per_class > 0:
         pidx = probe_split(src.train.labels, C, split.indices, cfg.probe_per_class, seed=cfg.seed)
-        probe_x = pre(src.train.images[pidx])
-        probe_y = torch.from_numpy(src.train.labels[pidx].astype(np.int64))
 
+    pre = Preprocessor(normalize=cfg.normalize, zca=cfg.zca, zca_eps=cfg.zca_eps)
     _, h, w, channels = src.train.images.shape
+    num_rows = len(train_images) + len(src.test.images) + (0 if pidx is None else len(pidx))
+    folder = None if cache_prepared is False else _resolve_cache_dir(cache_dir)
+    if folder is not None and not (cache_prepared or worth_caching(pre, num_rows, h * w * channels)):
+        folder = None
+
+    shapes = {"train_x": (len(train_images), channels, h, w), "test_x": (len(src.test.images), channels, h, w)}
+    if pidx is not None:
+        shapes["probe_x"] = (len(pidx), channels, h, w)
+    hit = key = path = None
+    if folder is not None:
+        probe = None if pidx is None else (pidx, src.train.images[pidx], src.train.labels[pidx])
+        key = prepared_key(src.name, train_images, train_labels, src.test.images, src.test.labels, split.indices,
+                           pre, probe)
+        path = prepared_path(folder, key)
+        hit = read_prepared(path, key, shapes)
+    if hit is not None:
+        pre, tensors = hit
+        if pre.whitener is not None:
+            pre.whitener.shape = (int(channels), int(h), int(w))
+    else:
+        pre.fit(train_images)
+        tensors = {"train_x": pre(train_images), "test_x": pre(src.test.images)}
+        if pidx is not None:
+            tensors["probe_x"] = pre(src.train.images[pidx])
+        if folder is not None:
+            write_prepared(path, key, pre, tensors)
+    train_x, test_x = tensors["train_x"], tensors["test_x"]
+    probe_x = tensors.get("probe_x")
+    probe_y = None if pidx is None else torch.from_numpy(src.train.labels[pidx].astype(np.int64))
+
     train_counts = _counts(train_labels, C)
     return PreparedData(
         name=src.name,

@@ -269,6 +269,7 @@ class _Tree:
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, object] = {}
         self.stats: dict[str, tuple[int, int]] = {}
+        self.dir_names: set[str] = set()  # folders seen (posix, trailing '/'), to report empty class folders
         if root.is_dir():
             self.kind = "dir"
             self._walk()
@@ -280,12 +281,16 @@ class _Tree:
                     for info in self._zip.infolist():
                         if not info.is_dir():
                             self._members[_clean_member(info.filename)] = info
+                        else:
+                            self.dir_names.add(_clean_member(info.filename).rstrip("/") + "/")
                 else:
                     self.kind = "tar"
                     self._tar = tarfile.open(root, "r:*")
                     for m in self._tar.getmembers():
                         if m.isfile():
                             self._members[_clean_member(m.name)] = m
+                        elif m.isdir():
+                            self.dir_names.add(_clean_member(m.name).rstrip("/") + "/")
             except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
                 self.close()
                 raise LtddError(f"cannot read archive {root}: {_one_line(e)}") from None
@@ -298,6 +303,8 @@ class _Tree:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = os.path.relpath(dirpath, base)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+            if rel_dir:
+                self.dir_names.add(rel_dir)
             for fn in filenames:
                 if fn.startswith("."):
                     continue
@@ -477,6 +484,11 @@ def _read_imagefolder(tree: _Tree, name: str, image_size: int | None) -> SourceD
     _, train_dir, test_dir = _imagefolder_layout(names, str(tree.root))
     train_groups = _group_by_class(names, train_dir)
     test_groups = _group_by_class(names, test_dir)
+    for split_dir, groups in ((train_dir, train_groups), (test_dir, test_groups)):
+        for d in sorted(tree.dir_names):
+            depth_ok = d.startswith(split_dir) and d.count("/") == split_dir.count("/") + 1
+            if depth_ok and not _hidden(d[:-1]) and d[len(split_dir):-1] not in groups:
+                raise LtddError(f"class folder {tree.where(d[:-1])} has no images")
     classes = sorted(train_groups)
     if not classes:
         raise LtddError(f"{tree.where(train_dir)} has no class sub-folders with images (expected {IMAGEFOLDER_LAYOUT})")
