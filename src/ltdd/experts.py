@@ -96,14 +96,26 @@ class TrajectoryStore:
             self.check(cfg.model, data, layout)
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / ".store.lock"
         try:
-            fd = os.open(self.meta_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-        except FileExistsError:  # another process won the race
-            time.sleep(0.2)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another process is creating the store: wait for its store.json
+            deadline = time.time() + 300
+            while not self.meta_path.is_file():
+                if _lock_is_stale(lock) or time.time() > deadline:
+                    lock.unlink(missing_ok=True)
+                    return self.initialise(cfg, data, layout)
+                time.sleep(0.1)
             self.check(cfg.model, data, layout)
             return
-        atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        os.close(fd)
+        try:
+            if not self.meta_path.is_file():
+                atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
+        finally:
+            lock.unlink(missing_ok=True)
+        self.check(cfg.model, data, layout)
 
     def check(self, model_cfg, data, layout: ParamLayout | None = None) -> dict:
         meta = self.meta()

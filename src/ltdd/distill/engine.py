@@ -24,25 +24,66 @@ What the constant-memory mode drops (and the tests measure): the dependence of t
 of earlier steps, i.e. the terms (d g_j / d theta_j)(d theta_j / d X) - the Hessian-vector products through the
 trajectory - and, for alpha, the dependence of theta_j on alpha for j > 0 (dL/dalpha = -2 <m*r, G> / D with G
 detached). For N = 1 both modes are identical; for N > 1 the image gradient is an approximation.
+
+Speed (``benchmarks/step_cost.py``)
+-----------------------------------
+Both modes differentiate the network's backward pass. The engine therefore swaps its own model's layers for
+variants with hand-written second derivatives (:func:`ltdd.models.convnet.use_double_backward_kernels`; same
+parameters and outputs; option ``double_backward_kernels``, default on), and skips the mask multiplies when a mask
+selects every coordinate. On CPU with glibc it also stops malloc from returning large freed blocks to the operating
+system (option ``cpu_malloc_tuning``, default on; process-wide, see :func:`tune_cpu_malloc`): by default every
+tensor above 32 MiB is a fresh ``mmap`` whose pages are faulted in and zeroed on first touch, which made a 50 MB
+activation's elementwise op several times slower than its arithmetic.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import random
+import sys
 from collections import OrderedDict
 
 import torch
 
 from ..config import DistillConfig, PhaseConfig
+from ..distributed import all_reduce_sum_, rank_world
 from ..errors import LtddError
 from ..experts import Trajectory, TrajectoryStore
 from ..losses import classification_loss, dam_weights, soft_cross_entropy
 from ..models import create_model
+from ..models.convnet import use_double_backward_kernels
 from ..models.functional import ParamLayout, functional_forward
 from ..synset import SyntheticSet
 from .base import Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
 from .init import init_images, init_soft_labels
+
+
+_MALLOC_TUNED = False
+
+
+def tune_cpu_malloc(keep_bytes: int = 1 << 30) -> bool:
+    """glibc: allocate large blocks from the heap instead of fresh ``mmap``s and keep up to ``keep_bytes`` of freed
+    memory for reuse (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, keep_bytes)``).
+
+    Process-wide and permanent for this process; peak memory is unchanged, but freed memory is reused instead of
+    being returned to the operating system. Returns whether it was applied (False on non-glibc platforms).
+    The same effect without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    _MALLOC_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, int(keep_bytes)))
+    return _MALLOC_TUNED
 
 
 @register_distiller("tm")
@@ -64,10 +105,15 @@ class TrajectoryMatching(Distiller):
         self.model_cfg = from_dict(ModelConfig, meta["model"])
         self.model = create_model(self.model_cfg.name, data.num_classes, data.channels, data.im_size,
                                   **self.model_cfg.args).to(device)
+        if cfg.options.get("double_backward_kernels", True):
+            use_double_backward_kernels(self.model)  # same parameters and outputs, cheaper second derivatives
+        if torch.device(device).type == "cpu" and cfg.options.get("cpu_malloc_tuning", True):
+            tune_cpu_malloc()
         self.layout = ParamLayout(self.model)
         self.store.check(self.model_cfg, data, self.layout)
         self.masks = {k: self.layout.mask(k).to(device=device, dtype=torch.float32)
                       for k in ("all", "backbone", "classifier")}
+        self._full_mask = {k: bool(v.all()) for k, v in self.masks.items()}  # masks selecting every coordinate
         self.experts = {}
         for ph in cfg.phases:
             self._validate_phase(ph, meta)
@@ -88,6 +134,10 @@ class TrajectoryMatching(Distiller):
         self.expert_order: dict[str, list[int]] = {}
         self.expert_pos: dict[str, int] = {}
         self.py_rng = random.Random(cfg.seed)
+        self.rank, self.world = rank_world()
+        if self.world > 1 and cfg.gradient != "constant_memory":
+            raise LtddError("distributed distillation needs distill.gradient=constant_memory (the exact unroll "
+                            "cannot be split over ranks)")
 
     def _validate_phase(self, ph: PhaseConfig, meta: dict) -> None:
         for field, allowed in (("store", ("representation", "classifier")), ("match", ("all", "backbone", "classifier")),
@@ -244,24 +294,56 @@ class TrajectoryMatching(Distiller):
         xb = images[idx]
         return self.dsa.apply(xb, aug) if aug is not None else xb
 
+    def _masked(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """``x * mask`` (no multiply when the mask selects every coordinate)."""
+        mask = self.masks[kind]
+        if self._full_mask.get(kind, False) and mask.dtype == x.dtype:
+            return x
+        return x * mask
+
+    def _local(self, idx: torch.Tensor, aug):
+        """This rank's share of a step's minibatch (data-parallel over the synthetic batch) and its weight.
+
+        With one process: the whole batch, weight 1. With W ranks, rank r takes every W-th sample; its mean inner
+        loss is weighted by its share of the batch, so that summing the ranks' gradients gives exactly the
+        full-batch gradient (per-sample normalisation such as instance norm keeps samples independent; batch norm
+        would not).
+        """
+        if self.world == 1:
+            return idx, aug, 1.0
+        sel = torch.arange(self.rank, len(idx), self.world, device=idx.device)
+        if aug is not None and not aug.siamese and aug.batch_size == len(idx):
+            aug = type(aug)(list(aug.ops), {k: v[sel.to(v.device)] for k, v in aug.values.items()}, aug.siamese)
+        return idx[sel], aug, len(sel) / len(idx)
+
+    def _step_gradient(self, ph, theta, images, idx, aug, soft, create_graph: bool):
+        """g_j: the (masked) gradient of the inner loss at theta on this rank's share of the step's batch."""
+        lidx, laug, w = self._local(idx, aug)
+        if len(lidx) == 0:
+            return torch.zeros_like(theta)
+        out = functional_forward(self.model, self.layout, theta, self._batch(images, lidx, laug))
+        loss = self._inner_loss(ph, out, lidx, soft)
+        if w != 1.0:
+            loss = w * loss
+        g = torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+        return self._masked(g, ph.student_update)
+
     def _phase_exact(self, ph, theta0, target, plan, images, soft, alpha):
-        upd = self.masks[ph.student_update]
-        m = self.masks[ph.match]
+        upd, m = ph.student_update, ph.match
         theta = theta0.detach().clone().requires_grad_(True)
         start = theta
         for idx, aug in plan:
             out = functional_forward(self.model, self.layout, theta, self._batch(images, idx, aug))
             loss = self._inner_loss(ph, out, idx, soft)
             g = torch.autograd.grad(loss, theta, create_graph=True)[0]
-            theta = theta - alpha * (g * upd)
-        num = ((theta - target) * m).pow(2).sum()
-        den = ((start.detach() - target) * m).pow(2).sum().clamp_min(1e-12)
+            theta = theta - alpha * self._masked(g, upd)
+        num = self._masked(theta - target, m).pow(2).sum()
+        den = self._masked(start.detach() - target, m).pow(2).sum().clamp_min(1e-12)
         return num / den
 
     def _phase_constant_memory(self, ph, theta0, target, plan, images, soft, alpha, weight):
         """Returns the (detached) phase loss and accumulates weight * dL/d(images, soft, alpha) into .grad."""
-        upd = self.masks[ph.student_update]
-        m = self.masks[ph.match]
+        upd, m = ph.student_update, ph.match
         a = alpha.detach()
         img_d = images.detach()
         soft_d = soft.detach() if soft is not None else None
@@ -270,12 +352,11 @@ class TrajectoryMatching(Distiller):
         G = torch.zeros_like(theta)
         for idx, aug in plan:
             th = theta.requires_grad_(True)
-            out = functional_forward(self.model, self.layout, th, self._batch(img_d, idx, aug))
-            g = torch.autograd.grad(self._inner_loss(ph, out, idx, soft_d), th)[0] * upd
+            g = all_reduce_sum_(self._step_gradient(ph, th, img_d, idx, aug, soft_d, create_graph=False))
             G += g
             theta = (th - a * g).detach()
-        den = ((theta0 - target) * m).pow(2).sum().clamp_min(1e-12)
-        r = (theta0 - alpha * G - target) * m
+        den = self._masked(theta0 - target, m).pow(2).sum().clamp_min(1e-12)
+        r = self._masked(theta0 - alpha * G - target, m)
         loss = r.pow(2).sum() / den
         (weight * loss).backward(inputs=[alpha])
         coef = (-2.0 * a * r.detach() / den) * weight  # dL/dg_j, the same for every step
@@ -284,9 +365,9 @@ class TrajectoryMatching(Distiller):
         inputs = [images] + ([soft] if soft is not None else [])
         for idx, aug in plan:
             th = theta.requires_grad_(True)
-            out = functional_forward(self.model, self.layout, th, self._batch(images, idx, aug))
-            g = torch.autograd.grad(self._inner_loss(ph, out, idx, soft), th, create_graph=True)[0] * upd
+            g = self._step_gradient(ph, th, images, idx, aug, soft, create_graph=True)
             (coef * g).sum().backward(inputs=inputs)
+            g = all_reduce_sum_(g.detach())  # the full step (all ranks' shares), to walk on
             theta = (th - a * g).detach()
         return loss.detach()
 
@@ -320,6 +401,10 @@ class TrajectoryMatching(Distiller):
             record[f"start/{ph.name}"] = info["start_epoch"]
             total += ph.weight * loss
         record["loss"] = total
+        if self.world > 1:  # each rank back-propagated into its share of the images: sum the shares
+            for t in (self.images, self.soft):
+                if t is not None and t.grad is not None:
+                    all_reduce_sum_(t.grad)
         for opt in (self.opt_img, self.opt_lr, self.opt_y):
             if opt is not None:
                 opt.step()

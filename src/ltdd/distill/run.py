@@ -13,6 +13,7 @@ Files in the output folder::
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -24,6 +25,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, atomic_write_bytes, atomic_write_text, save_json, save_yaml, to_dict
+from ..distributed import rank_world
 from ..errors import LtddError
 from ..synset import SyntheticSet, save_grid
 from .base import DivergenceError, make_distiller
@@ -90,22 +92,26 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
     if resume and not ckpt.exists():
         raise LtddError(f"nothing to resume: {ckpt} does not exist")
     distiller = make_distiller(cfg, data, experts_dir=experts_dir, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(out / "config.yaml", run_cfg)
+    main = rank_world()[0] == 0  # under torchrun every rank computes, only rank 0 writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(out / "config.yaml", run_cfg)
     if resume:
         start = load_checkpoint(ckpt, distiller)
-        _truncate_log(log_path, start)
+        if main:
+            _truncate_log(log_path, start)
     else:
         distiller.initialise()
         start = 0
-        atomic_write_text(log_path, "")
-        save_checkpoint(ckpt, distiller, 0)
+        if main:
+            atomic_write_text(log_path, "")
+            save_checkpoint(ckpt, distiller, 0)
 
     t_run = time.time()
     done_now = 0
     iterations = 0 if getattr(distiller, "one_shot", False) else cfg.iterations
     bar = tqdm(range(start, iterations), desc=f"distill {distiller.method_name}", disable=not progress)
-    with open(log_path, "a") as log:
+    with open(log_path if main else os.devnull, "a") as log:
         for it in bar:
             t0 = time.time()
             try:
@@ -129,26 +135,29 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
                 log.write(json.dumps({"iteration": it, "eval_accuracy": res.summary["accuracy"]["mean"],
                                       "eval_class_std": res.summary["class_std"]["mean"]}) + "\n")
                 log.flush()
-            if (it + 1) % max(1, cfg.checkpoint_every) == 0 or it == iterations - 1:
+            if main and ((it + 1) % max(1, cfg.checkpoint_every) == 0 or it == iterations - 1):
                 save_checkpoint(ckpt, distiller, it + 1)
             done_now += 1
             if stop_after is not None and done_now >= stop_after and it + 1 < iterations:
-                save_checkpoint(ckpt, distiller, it + 1)
+                if main:
+                    save_checkpoint(ckpt, distiller, it + 1)
                 return {"stopped_at": it + 1}
     seconds = time.time() - t_run
     syn = distiller.synthetic_set()
     syn.meta = {"method": distiller.method_name, "data": to_dict(run_cfg.data), "ipc": cfg.ipc,
                 "dataset": data.name, "split_sha": _split_sha(data), "preprocessor": _prep_meta(data),
                 "iterations": iterations}
-    syn.save(out / "distilled.safetensors")
-    save_grid(out / "grid.png", data.preprocessor.to_pixels(syn.images), syn.labels, data.num_classes)
+    if main:
+        syn.save(out / "distilled.safetensors")
+        save_grid(out / "grid.png", data.preprocessor.to_pixels(syn.images), syn.labels, data.num_classes)
     result = {"method": distiller.method_name, "iterations": iterations, "seconds": seconds,
               "peak_memory_mb": peak_memory_mb(device), "out": str(out)}
     if evaluate:
         res = _evaluate(syn, data, run_cfg, device, runs=eval_runs, seed=cfg.seed)
         ev = res.to_dict()
         ev["protocol"] = to_dict(run_cfg.protocol_config())
-        save_json(out / "eval.json", ev)
+        if main:
+            save_json(out / "eval.json", ev)
         result["eval"] = res.summary
     return result
 

@@ -8,12 +8,30 @@ classifier = 320,010 parameters. ``convnet_d4`` (depth 4) on 64×64 inputs has a
 "Instance norm" follows the DC codebase: ``GroupNorm(C, C, affine=True)``, i.e. per-sample, per-channel
 normalisation over H×W with a learnable per-channel scale and shift. :class:`InstanceNorm2dBasic` computes the same
 thing from elementary ops and has identical parameter names and shapes, so checkpoints are interchangeable.
+
+Double backward (trajectory matching)
+-------------------------------------
+Back-propagating through unrolled SGD steps (MTT) differentiates the network's *backward* pass, and PyTorch's
+built-in second derivatives of the ConvNet layers are slow: instance norm's double backward is a long composite of
+elementwise ops, ReLU and average pooling materialise and accumulate all-zero gradients for the saved forward
+tensors, and the convolution's double backward always computes the weight term (with a transposed-batch
+convolution) even when nothing needs it. :func:`use_double_backward_kernels` swaps, in place, a model's
+``nn.Conv2d``, instance-norm (``GroupNorm(C, C)`` / :class:`InstanceNorm2dBasic`), ``nn.ReLU`` and ``nn.AvgPool2d``
+modules for subclasses with hand-written first *and* second derivatives (same parameters, names and outputs; the
+trajectory-matching engine does this to its own model). Their second derivatives compute only the terms that the
+running backward pass needs (``torch._C._will_engine_execute_node``, as ``register_multi_grad_hook`` does), so the
+constant-memory mode, which needs no gradient w.r.t. the student's weights there, skips those convolutions. The
+instance-norm and convolution second derivatives are ``once_differentiable`` (third derivatives raise).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 
 from ltdd.errors import LtddError
 from ltdd.models.registry import register_model
@@ -30,6 +48,12 @@ __all__ = [
     "DEFAULT_NORM_IMPL",
     "convnet",
     "convnet_d4",
+    "use_double_backward_kernels",
+    "DoubleBackwardConv2d",
+    "DoubleBackwardInstanceNorm2d",
+    "DoubleBackwardInstanceNorm2dBasic",
+    "DoubleBackwardReLU",
+    "DoubleBackwardAvgPool2d",
 ]
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -231,3 +255,279 @@ def convnet_d4(
 ) -> ConvNet:
     """ConvNet-D4, the depth-4 ConvNet used for 64×64 data (Tiny-ImageNet, ImageNet-64)."""
     return ConvNet(num_classes, channels, im_size, 4, width, norm, act, pool, norm_impl)
+
+
+# ---- layers with cheap second derivatives (see the module docstring) --------------------------------------------
+_conv_backward = torch.ops.aten.convolution_backward
+_threshold_backward = torch.ops.aten.threshold_backward
+_avg_pool2d_backward = torch.ops.aten.avg_pool2d_backward
+
+
+def _grad_node(t):
+    """The autograd node a gradient w.r.t. ``t`` flows into (None when ``t`` needs no gradient)."""
+    if not isinstance(t, Tensor) or not t.requires_grad:
+        return None
+    return torch.autograd.graph._get_grad_fn_or_grad_acc(t)
+
+
+def _will_run(node) -> bool:
+    """Whether the running backward pass needs the gradient flowing into ``node``."""
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # a leaf inside autograd.grad(): not knowable, so assume it is needed
+        return True
+
+
+class _ConvBackward(Function):
+    """(gy, x, w) -> (dx, dw, db) of ``conv2d``; its backward is the convolution's second derivative."""
+
+    @staticmethod
+    def forward(ctx, gy, x, w, bias_sizes, conv, mask):
+        stride, padding, dilation, groups = conv
+        gx, gw, gb = _conv_backward(gy, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
+        ctx.save_for_backward(gy, x, w)
+        ctx.conv = conv
+        ctx.nodes = (_grad_node(gy), _grad_node(x), _grad_node(w))
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ux, uw, ub):
+        gy, x, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_gy, need_x, need_w = (_will_run(n) for n in ctx.nodes)
+        ct_gy = ct_x = ct_w = None
+        if need_gy:  # gx = J_x(w)^T gy, gw = J_w(x)^T gy and gb = sum(gy) are linear in gy
+            if ux is not None:
+                ct_gy = F.conv2d(ux, w, ub, stride, padding, dilation, groups)
+                if uw is not None:
+                    ct_gy = ct_gy.add_(F.conv2d(x, uw, None, stride, padding, dilation, groups))
+            elif uw is not None:
+                ct_gy = F.conv2d(x, uw, ub, stride, padding, dilation, groups)
+            elif ub is not None:
+                ct_gy = ub.reshape(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy)
+        if need_w and ux is not None:  # <ux, J_x(w)^T gy> = <conv(ux, w), gy>
+            ct_w = _conv_backward(gy, ux, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                  [False, True, False])[1]
+        if need_x and uw is not None:  # <uw, J_w(x)^T gy> = <conv(x, uw), gy>
+            ct_x = _conv_backward(gy, x, uw, None, stride, padding, dilation, False, [0, 0], groups,
+                                  [True, False, False])[0]
+        return ct_gy, ct_x, ct_w, None, None, None
+
+
+class _Conv2d(Function):
+    @staticmethod
+    def forward(ctx, x, w, b, conv):
+        stride, padding, dilation, groups = conv
+        ctx.save_for_backward(x, w)
+        ctx.conv = conv
+        ctx.has_bias = b is not None
+        ctx.nodes = (_grad_node(x), _grad_node(w), _grad_node(b))
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        mask = [_will_run(n) for n in ctx.nodes]
+        gx, gw, gb = _ConvBackward.apply(gy, x, w, [w.shape[0]] if ctx.has_bias else None, ctx.conv, mask)
+        return gx, gw, gb, None
+
+
+class _InstanceNormBackward(Function):
+    """(gz, x, w; mean, rstd) -> (dx, dw, db) of instance norm z = w (x - mean) rstd + b, per sample and channel.
+
+    With xh = (x - mean) rstd, A = mean(gz) and B = mean(gz xh) over the spatial positions:
+    dx = w rstd (gz - A - xh B), dw = S sum_n B, db = S sum_n A (S = number of positions). The backward of this
+    map (the norm's second derivative) is written out below in the same per-row-coefficient form, so that every
+    full-size tensor is produced by one or two fused multiply-adds.
+    """
+
+    @staticmethod
+    def forward(ctx, gz, x, w, mu, r):
+        n, c = x.shape[:2]
+        gz3, x3 = gz.reshape(n, c, -1), x.reshape(n, c, -1)
+        s = x3.shape[-1]
+        a = gz3.mean(-1)
+        b = r * ((gz3 * x3).sum(-1) / s - mu * a)
+        wr = w * r
+        # dx = wr gz - wr r B x + wr (r B mu - A)
+        gx = torch.addcmul((wr * (r * b * mu - a)).unsqueeze(-1), x3, (-wr * r * b).unsqueeze(-1))
+        gx.addcmul_(gz3, wr.unsqueeze(-1))
+        ctx.save_for_backward(gz, x, w, mu, r, a, b)
+        ctx.nodes = (_grad_node(gz), _grad_node(x), _grad_node(w))
+        return gx.view(x.shape), s * b.sum(0), s * a.sum(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, u, om, be):
+        gz, x, w, mu, r, a, b = ctx.saved_tensors
+        need_gz, need_x, need_w = (_will_run(n) for n in ctx.nodes)
+        n, c = x.shape[:2]
+        gz3, x3 = gz.reshape(n, c, -1), x.reshape(n, c, -1)
+        s = x3.shape[-1]
+        zero = torch.zeros_like(a)
+        om = zero if om is None else om.expand_as(a)
+        be = zero if be is None else be.expand_as(a)
+        wr = w * r
+        if u is not None:
+            u3 = u.reshape(n, c, -1)
+            ub = u3.mean(-1)  # mean(u)
+            u1 = r * ((u3 * x3).sum(-1) / s - mu * ub)  # mean(u xh)
+            q = (u3 * gz3).sum(-1) / s - ub * a - u1 * b  # mean(u gz) - mean(u) A - mean(u xh) B
+        else:
+            ub = u1 = q = zero
+        ct_gz = ct_x = ct_w = None
+        kx = om * r - wr * r * u1  # coefficient of (x - mean) in ct_gz and of gz in ct_x
+        if need_gz:  # ct_gz = w r (u - mean(u) - xh mean(u xh)) + om xh + be
+            ct_gz = torch.addcmul((be - wr * ub - kx * mu).unsqueeze(-1), x3, kx.unsqueeze(-1))
+            if u is not None:
+                ct_gz.addcmul_(u3, wr.unsqueeze(-1))
+            ct_gz = ct_gz.view(x.shape)
+        if need_x:  # ct_x = -w r^2 [B u + U1 gz + (Q - 2 B U1) xh - (B Ub + A U1)] + om r (gz - A - xh B)
+            c_xh = -wr * r * (q - 2 * b * u1) - om * r * b
+            c_0 = wr * r * (b * ub + a * u1) - om * r * a
+            ct_x = torch.addcmul((c_0 - c_xh * r * mu).unsqueeze(-1), x3, (c_xh * r).unsqueeze(-1))
+            ct_x.addcmul_(gz3, kx.unsqueeze(-1))
+            if u is not None:
+                ct_x.addcmul_(u3, (-wr * r * b).unsqueeze(-1))
+            ct_x = ct_x.view(x.shape)
+        if need_w and u is not None:
+            ct_w = (s * r * q).sum(0)
+        return ct_gz, ct_x, ct_w, None, None
+
+
+class _InstanceNorm(Function):
+    @staticmethod
+    def forward(ctx, x, w, b, eps):
+        n, c = x.shape[:2]
+        z, mu, r = torch.native_group_norm(x, w, b, n, c, x[0, 0].numel(), c, eps)
+        ctx.save_for_backward(x, w, mu, r)
+        return z
+
+    @staticmethod
+    def backward(ctx, gz):
+        x, w, mu, r = ctx.saved_tensors
+        gx, gw, gb = _InstanceNormBackward.apply(gz, x, w, mu, r)
+        return gx, gw, gb, None
+
+
+class _ReLUBackward(Function):
+    @staticmethod
+    def forward(ctx, g, y):
+        ctx.save_for_backward(y)
+        return _threshold_backward(g, y, 0)
+
+    @staticmethod
+    def backward(ctx, u):  # linear in g; zero derivative w.r.t. y (no all-zero tensor is materialised)
+        (y,) = ctx.saved_tensors
+        return _ReLUBackward.apply(u, y), None
+
+
+class _ReLU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return _ReLUBackward.apply(g, y)
+
+
+class _AvgPool2dBackward(Function):
+    @staticmethod
+    def forward(ctx, g, x, pool):
+        ctx.save_for_backward(x)
+        ctx.pool = pool
+        return _avg_pool2d_backward(g, x, *pool)
+
+    @staticmethod
+    def backward(ctx, u):  # linear in g and independent of x's values
+        (x,) = ctx.saved_tensors
+        return _AvgPool2d.apply(u, ctx.pool), None, None
+
+
+class _AvgPool2d(Function):
+    @staticmethod
+    def forward(ctx, x, pool):
+        ctx.save_for_backward(x)
+        ctx.pool = pool
+        return F.avg_pool2d(x, *pool)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _AvgPool2dBackward.apply(g, x, ctx.pool), None
+
+
+class DoubleBackwardConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding, numeric padding) with a cheaper second derivative."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return _Conv2d.apply(x, self.weight, self.bias, conv)
+
+
+class DoubleBackwardInstanceNorm2d(nn.GroupNorm):
+    """``GroupNorm(C, C, affine=True)`` (instance norm) with hand-written first and second derivatives."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _InstanceNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+class DoubleBackwardInstanceNorm2dBasic(InstanceNorm2dBasic):
+    """:class:`InstanceNorm2dBasic` (affine) with hand-written first and second derivatives."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _InstanceNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+class DoubleBackwardReLU(nn.ReLU):
+    """``nn.ReLU`` whose second derivative does not materialise zeros."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ReLU.apply(x)
+
+
+class DoubleBackwardAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` whose second derivative does not materialise zeros."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = _pair(self.kernel_size)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        pool = (list(k), list(stride), list(_pair(self.padding)), self.ceil_mode, self.count_include_pad,
+                self.divisor_override)
+        return _AvgPool2d.apply(x, pool)
+
+
+def use_double_backward_kernels(model: nn.Module) -> int:
+    """Swap (in place) the model's layers for the ``DoubleBackward*`` variants; returns how many were swapped.
+
+    Only exact types are swapped (subclasses keep their own ``forward``): ``nn.Conv2d`` with zero padding given as
+    numbers, ``nn.GroupNorm`` with one group per channel and an affine transform, affine
+    :class:`InstanceNorm2dBasic`, non-in-place ``nn.ReLU`` and ``nn.AvgPool2d``. Parameters, buffers, names and
+    outputs do not change, so ``state_dict``, :class:`~ltdd.models.functional.ParamLayout` and checkpoints are
+    unaffected.
+    """
+    swapped = 0
+    for m in model.modules():
+        cls = type(m)
+        new = None
+        if cls is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            new = DoubleBackwardConv2d
+        elif cls is nn.GroupNorm and m.affine and m.num_groups == m.num_channels:
+            new = DoubleBackwardInstanceNorm2d
+        elif cls is InstanceNorm2dBasic and m.affine:
+            new = DoubleBackwardInstanceNorm2dBasic
+        elif cls is nn.ReLU and not m.inplace:
+            new = DoubleBackwardReLU
+        elif cls is nn.AvgPool2d:
+            new = DoubleBackwardAvgPool2d
+        if new is not None:
+            m.__class__ = new
+            swapped += 1
+    return swapped
