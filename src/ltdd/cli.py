@@ -167,31 +167,49 @@ def train_cmd(method, model_name, width, epochs, lr, batch_size, crt_epochs, no_
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(distilled, protocol, runs, seed, device, overrides, out, as_json, **kw):
     """Evaluate a distilled set (distilled.safetensors) with the pinned protocol."""
-    from .evaluate import format_summary, run_protocol
+    from .distributed import dist_context, local_device
     from .synset import SyntheticSet
     from .train import resolve_device
 
     syn = SyntheticSet.load(distilled)
     base = C.from_dict(C.DataConfig, syn.meta["data"]) if isinstance(syn.meta.get("data"), dict) else None
     cfg = data_config(base, **kw)
+
     proto = C.apply_overrides(C.protocol_preset(protocol), list(overrides))
-    dev = resolve_device(device)
-    data = _prepare(cfg)
+    with dist_context() as (rank, world):  # under torchrun the protocol's runs are spread over the ranks
+        dev = local_device(resolve_device(device), rank)
+        data = _prepare(cfg)
+        result = _eval_body(syn, data, proto, protocol, dev, seed, runs, as_json, distilled, out, rank)
+    if rank == 0:
+        _print_eval(result, protocol, as_json)
+
+
+def _eval_body(syn, data, proto, protocol, dev, seed, runs, as_json, distilled, out, rank):
+    from .evaluate import run_protocol
+
     if int(syn.labels.max()) >= data.num_classes or int(syn.labels.min()) < 0:
         raise LtddError(f"distilled labels go up to {int(syn.labels.max())}, but {data.name} has "
                         f"{data.num_classes} classes")
     res = run_protocol(syn.images, syn.labels, data, proto, soft_labels=syn.soft_labels, lr=syn.lr, device=dev,
-                       seed=seed, runs=runs, progress=not as_json)
+                       seed=seed, runs=runs, progress=not as_json and rank == 0)
     result = res.to_dict()
     result["protocol"] = C.to_dict(proto)
     result["protocol_name"] = protocol
     dest = Path(out) if out else (Path(distilled) if Path(distilled).is_dir() else Path(distilled).parent)
-    C.save_json(dest / "eval.json", result)
+    result["written"] = str(dest / "eval.json")
+    if rank == 0:
+        C.save_json(dest / "eval.json", result)
+    return result
+
+
+def _print_eval(result: dict, protocol: str, as_json: bool) -> None:
+    from .evaluate import format_summary
+
     if as_json:
         _echo_json(result)
     else:
-        click.echo(f"{protocol} protocol, lr {res.lr:.4g}: {format_summary(res.summary)}")
-        click.echo(f"wrote {dest / 'eval.json'}")
+        click.echo(f"{protocol} protocol, lr {result['lr']:.4g}: {format_summary(result['summary'])}")
+        click.echo(f"wrote {result['written']}")
 
 
 @cli.command("models")
@@ -287,14 +305,18 @@ def distill_cmd(preset, profile, overrides, device, experts_dir, out, resume, no
 
     if preset is None:
         raise LtddError("--preset is required (see `ltdd presets`)")
+    from .distributed import dist_context, local_device
+
     cfg = C.load_preset(preset, profile, overrides)
-    dev = resolve_device(device)
-    data = _prepare(cfg.data)
-    res = distill(cfg, data, out, experts_dir=experts_dir, device=dev, resume=resume, evaluate=not no_eval,
-                  eval_runs=eval_runs)
-    click.echo(f"distilled set in {out} ({res['seconds']:.0f} s, peak memory {res['peak_memory_mb']:.0f} MB)")
-    if "eval" in res:
-        click.echo(f"evaluation: {format_summary(res['eval'])}")
+    with dist_context() as (rank, world):  # under torchrun: data-parallel over the synthetic batch
+        dev = local_device(resolve_device(device), rank)
+        data = _prepare(cfg.data)
+        res = distill(cfg, data, out, experts_dir=experts_dir, device=dev, resume=resume, evaluate=not no_eval,
+                      eval_runs=eval_runs, progress=rank == 0)
+    if rank == 0:
+        click.echo(f"distilled set in {out} ({res['seconds']:.0f} s, peak memory {res['peak_memory_mb']:.0f} MB)")
+        if "eval" in res:
+            click.echo(f"evaluation: {format_summary(res['eval'])}")
 
 
 @cli.command("run")
