@@ -78,8 +78,12 @@ def main(argv=None) -> int:
              "| processes | wall seconds (each repetition) | median |", "| --- | --- | --- |"]
     for k in (1, 2):
         lines.append(f"| {k} | {', '.join(f'{t:.1f}' for t in times[k])} | {med[k]:.1f} |")
+    load = os.getloadavg()
     lines += ["", f"Speed-up with 2 processes: **{speedup:.2f}x** (includes process start-up and data loading in "
-                  f"every rank)."]
+                  f"every rank).", "",
+              f"Load average when the run ended: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min). On a "
+              f"machine busy with other jobs, one process with 2 threads loses more to thread contention than two "
+              f"1-thread processes, which inflates the speed-up; on an idle 2-core machine expect at most 2x."]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(json.dumps({"median_seconds": med, "speedup": speedup}))
     return 0
