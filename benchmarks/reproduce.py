@@ -3,7 +3,8 @@
     python benchmarks/reproduce.py --profile cpu --table lad-cifar10lt
     python benchmarks/reproduce.py --profile cpu --table two-stage
 
-Every cell (IF x method) is computed once and stored under ``--work`` (default runs/reproduce/<table>-<profile>);
+Under ``torchrun --nproc_per_node=K benchmarks/reproduce.py ...`` the experts and the cells are spread over the
+ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell (IF x method) is computed once and stored under ``--work`` (default runs/reproduce/<table>-<profile>);
 a killed run continues where it stopped: finished cells are not recomputed, an interrupted distillation resumes
 from its checkpoint and an interrupted expert store is filled up. Results go to
 ``benchmarks/results/<table>-<profile>.md`` and ``.json`` with the paper's numbers beside ours, per-class accuracy,
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ltdd.config import (ModelConfig, RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, load_preset,
+from ltdd.config import (RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, load_preset,
                          save_json)
 from ltdd.data import prepare_data
 from ltdd.distill import distill
@@ -29,7 +30,15 @@ from ltdd.evaluate import run_protocol
 from ltdd.experts import train_experts
 from ltdd.lt_methods import run_full
 from ltdd.synset import SyntheticSet
+from ltdd.distributed import dist_context, local_only, rank_world
 from ltdd.train import resolve_device
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 CIFAR = "../shared/data/cifar10-jpeg.tar.gz"
 
@@ -69,17 +78,28 @@ class Table:
         self.profile = profile
         self.cells_dir = work / "cells"
         self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = rank_world()
+        self.count = 0
+        self.on_cell = None  # called after every computed cell (incremental report)
 
     def cell(self, key: str, fn):
+        """Compute (or reuse) one cell. Under torchrun the cells are dealt round-robin to the ranks; a rank
+        returns None for cells it does not own, and the report is written by rank 0 after a barrier."""
         path = self.cells_dir / f"{key}.json"
+        self.count += 1
         if path.is_file():
             _log(f"{key}: done before, reusing")
             return json.loads(path.read_text())
+        if (self.count - 1) % self.world != self.rank:
+            return None
         _log(f"{key}: running")
         t0 = time.time()
-        res = fn()
+        with local_only():  # a cell is one rank's independent work
+            res = fn()
         res.setdefault("seconds", time.time() - t0)
         save_json(path, res)
+        if self.on_cell:
+            self.on_cell()
         _log(f"{key}: acc {100 * res['summary']['accuracy']['mean']:.1f} "
              f"({res['seconds']:.0f} s)")
         return res
@@ -114,7 +134,9 @@ def lad_cifar10lt(args, table: Table) -> dict:
         if any(m in ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed") for m in methods):
             _log(f"IF {IF}: experts")
             t0 = time.time()
-            train_experts(base.experts, data, experts_dir, device=table.device, progress=False)
+            train_experts(base.experts, data, experts_dir, device=table.device, progress=False, rank=table.rank,
+                          world=table.world)
+            barrier()
             results.setdefault("experts_seconds", {})[IF] = time.time() - t0
         row = {}
         for m in methods:
@@ -259,6 +281,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None)
     p.add_argument("--results", default="benchmarks/results")
     args = p.parse_args(argv)
+    with dist_context():
+        return _main(args)
+
+
+def _main(args) -> int:
     if args.profile == "gpu":
         args.runs = max(args.runs, 5)
     device = resolve_device(args.device)
@@ -270,15 +297,34 @@ def main(argv=None) -> int:
         from two_stage_table import two_stage_table  # noqa: E402  (benchmarks/two_stage_table.py)
 
         return two_stage_table(args, table, out_dir)
-    results = lad_cifar10lt(args, table)
     data = prepare_data(load_preset("lad", None, [f"data.root={args.root}"]).data)
     stem = out_dir / f"lad-cifar10lt-{args.profile}"
-    save_json(stem.with_suffix(".json"), {"profile": args.profile, "scale": CPU_SCALE if args.profile == "cpu" else
-                                          "paper", "paper": PAPER_LAD_C10, "results": results})
-    plots(args, results, out_dir, data.class_names)
-    write_lad_report(args, results, stem.with_suffix(".md"), data.class_names)
-    _log(f"wrote {stem}.md and .json")
+
+    def write() -> None:
+        results = collect_cells(args, table)
+        save_json(stem.with_suffix(".json"), {"profile": args.profile, "scale": CPU_SCALE if args.profile == "cpu"
+                                              else "paper", "paper": PAPER_LAD_C10, "results": results})
+        plots(args, results, out_dir, data.class_names)
+        write_lad_report(args, results, stem.with_suffix(".md"), data.class_names)
+
+    if table.rank == 0:
+        table.on_cell = write  # the report grows cell by cell, so a stopped run still leaves its figures
+    lad_cifar10lt(args, table)
+    barrier()
+    if table.rank == 0:
+        write()
+        _log(f"wrote {stem}.md and .json")
     return 0
+
+
+def collect_cells(args, table: Table) -> dict:
+    results: dict = {}
+    for IF in [int(x) for x in args.ifs.split(",")]:
+        for m in args.methods.split(","):
+            path = table.cells_dir / f"if{IF}-{m}.json"
+            if path.is_file():
+                results.setdefault(IF, {})[m] = json.loads(path.read_text())
+    return results
 
 
 if __name__ == "__main__":

@@ -50,8 +50,22 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
+_LOCAL_ONLY = [0]
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside this block the library behaves as a single process even under torchrun (used when each rank does
+    independent work, e.g. one cell of a results table)."""
+    _LOCAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (not _LOCAL_ONLY[0]) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank_world() -> tuple[int, int]:
