@@ -63,13 +63,14 @@ from .init import init_images, init_soft_labels
 _MALLOC_TUNED = False
 
 
-def tune_cpu_malloc(keep_bytes: int = 1 << 30) -> bool:
-    """glibc: allocate large blocks from the heap instead of fresh ``mmap``s and keep up to ``keep_bytes`` of freed
-    memory for reuse (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, keep_bytes)``).
+def tune_cpu_malloc() -> bool:
+    """glibc: allocate large blocks from the heap instead of fresh ``mmap``s and never give freed heap memory back
+    to the operating system (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``), so that the large
+    tensors of every inner step reuse pages that are already mapped instead of faulting in and zeroing new ones.
 
-    Process-wide and permanent for this process; peak memory is unchanged, but freed memory is reused instead of
-    being returned to the operating system. Returns whether it was applied (False on non-glibc platforms).
-    The same effect without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
+    Process-wide and permanent for this process, like a caching allocator: the peak is unchanged, but the
+    process's resident memory stays at its peak. Returns whether it was applied (False on non-glibc platforms).
+    The same effect without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -82,7 +83,8 @@ def tune_cpu_malloc(keep_bytes: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    _MALLOC_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, int(keep_bytes)))
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _MALLOC_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
     return _MALLOC_TUNED
 
 

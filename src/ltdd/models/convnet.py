@@ -280,13 +280,41 @@ def _will_run(node) -> bool:
         return True
 
 
+def _conv_input_grad(gy: Tensor, x: Tensor, w: Tensor, conv) -> Tensor:
+    """Gradient of ``conv2d(x, w)`` w.r.t. ``x`` for the output gradient ``gy``.
+
+    For a layer with few input channels (the image layer: 1 or 3) this is a matrix product and ``fold`` (col2im),
+    about 2.5x faster on CPU than the backward-data convolution, which is inefficient with so few output channels.
+    """
+    stride, padding, dilation, groups = conv
+    co, ci, kh, kw = w.shape
+    if groups == 1 and ci <= 4 and x.dim() == 4:
+        n = gy.shape[0]
+        cols = torch.matmul(w.reshape(co, ci * kh * kw).t(), gy.reshape(n, co, -1))
+        return F.fold(cols, x.shape[-2:], (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    return _conv_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False])[0]
+
+
+def _conv_grads(gy: Tensor, x: Tensor, w: Tensor, bias_sizes, conv, mask):
+    """(dx, dw, db) of ``conv2d`` as selected by ``mask`` (None where not selected)."""
+    stride, padding, dilation, groups = conv
+    gx = None
+    if mask[0] and w.shape[1] <= 4:
+        gx, mask = _conv_input_grad(gy, x, w, conv), [False, mask[1], mask[2]]
+    if any(mask):
+        gx2, gw, gb = _conv_backward(gy, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
+        gx = gx if gx is not None else gx2
+    else:
+        gw = gb = None
+    return gx, gw, gb
+
+
 class _ConvBackward(Function):
     """(gy, x, w) -> (dx, dw, db) of ``conv2d``; its backward is the convolution's second derivative."""
 
     @staticmethod
     def forward(ctx, gy, x, w, bias_sizes, conv, mask):
-        stride, padding, dilation, groups = conv
-        gx, gw, gb = _conv_backward(gy, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
+        gx, gw, gb = _conv_grads(gy, x, w, bias_sizes, conv, mask)
         ctx.save_for_backward(gy, x, w)
         ctx.conv = conv
         ctx.nodes = (_grad_node(gy), _grad_node(x), _grad_node(w))
@@ -312,8 +340,7 @@ class _ConvBackward(Function):
             ct_w = _conv_backward(gy, ux, w, None, stride, padding, dilation, False, [0, 0], groups,
                                   [False, True, False])[1]
         if need_x and uw is not None:  # <uw, J_w(x)^T gy> = <conv(x, uw), gy>
-            ct_x = _conv_backward(gy, x, uw, None, stride, padding, dilation, False, [0, 0], groups,
-                                  [True, False, False])[0]
+            ct_x = _conv_input_grad(gy, x, uw, ctx.conv)
         return ct_gy, ct_x, ct_w, None, None, None
 
 
@@ -331,7 +358,11 @@ class _Conv2d(Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         mask = [_will_run(n) for n in ctx.nodes]
-        gx, gw, gb = _ConvBackward.apply(gy, x, w, [w.shape[0]] if ctx.has_bias else None, ctx.conv, mask)
+        bias_sizes = [w.shape[0]] if ctx.has_bias else None
+        if not torch.is_grad_enabled():  # first-order backward only: no graph to record
+            gx, gw, gb = _conv_grads(gy, x, w, bias_sizes, ctx.conv, mask)
+        else:
+            gx, gw, gb = _ConvBackward.apply(gy, x, w, bias_sizes, ctx.conv, mask)
         return gx, gw, gb, None
 
 
@@ -409,7 +440,12 @@ class _InstanceNorm(Function):
     @staticmethod
     def backward(ctx, gz):
         x, w, mu, r = ctx.saved_tensors
-        gx, gw, gb = _InstanceNormBackward.apply(gz, x, w, mu, r)
+        if not torch.is_grad_enabled():  # first-order backward only: PyTorch's fused kernel
+            n, c = x.shape[:2]
+            gx, gw, gb = torch.ops.aten.native_group_norm_backward(gz, x, mu, r, w, n, c, x[0, 0].numel(), c,
+                                                                     list(ctx.needs_input_grad[:3]))
+        else:
+            gx, gw, gb = _InstanceNormBackward.apply(gz, x, w, mu, r)
         return gx, gw, gb, None
 
 
@@ -435,7 +471,30 @@ class _ReLU(Function):
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # first-order backward only
+            return _threshold_backward(g, y, 0)
         return _ReLUBackward.apply(g, y)
+
+
+def _is_pool2x2(x: Tensor, pool) -> bool:
+    """2x2 windows, stride 2, no padding, even contiguous NCHW input: the case with a faster formulation below."""
+    return (pool[0] == [2, 2] and pool[1] == [2, 2] and pool[2] == [0, 0] and pool[5] is None and x.dim() == 4
+            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous())
+
+
+def _pool2x2(x: Tensor) -> Tensor:
+    """2x2 average pool as two adds of contiguous halves (several times faster than avg_pool2d on CPU)."""
+    n, c, h, w = x.shape
+    rows = x.view(n, c, h // 2, 2, w)
+    s = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
+    return (s[..., 0] + s[..., 1]).mul_(0.25)
+
+
+def _unpool2x2(g: Tensor) -> Tensor:
+    """Adjoint of :func:`_pool2x2`: every output value spread (/4) over its 2x2 window."""
+    n, c, h, w = g.shape
+    cols = g.mul(0.25).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 1, 2 * w)
+    return cols.expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
 
 
 class _AvgPool2dBackward(Function):
@@ -443,6 +502,8 @@ class _AvgPool2dBackward(Function):
     def forward(ctx, g, x, pool):
         ctx.save_for_backward(x)
         ctx.pool = pool
+        if _is_pool2x2(x, pool):
+            return _unpool2x2(g)
         return _avg_pool2d_backward(g, x, *pool)
 
     @staticmethod
@@ -456,11 +517,15 @@ class _AvgPool2d(Function):
     def forward(ctx, x, pool):
         ctx.save_for_backward(x)
         ctx.pool = pool
+        if _is_pool2x2(x, pool):
+            return _pool2x2(x)
         return F.avg_pool2d(x, *pool)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # first-order backward only: no graph to record
+            return (_unpool2x2(g) if _is_pool2x2(x, ctx.pool) else _avg_pool2d_backward(g, x, *ctx.pool)), None
         return _AvgPool2dBackward.apply(g, x, ctx.pool), None
 
 
