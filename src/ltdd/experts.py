@@ -269,30 +269,22 @@ def train_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, device=None
         cls_needed = cfg.classifier_experts and not store.path("classifier", index).exists()
         if rep_exists and not cls_needed:
             continue
-        if not rep_exists:
-            if not store.claim("representation", index):
-                continue
-            try:
-                model, traj = train_representation_expert(cfg, data, index, device, progress=False)
-                store.save("representation", index, traj, cfg.fp16)
-            finally:
-                store.release("representation", index)
-            done["representation"] += 1
-            if log:
-                log({"expert": index, "kind": "representation", "test_acc": test_metrics(model, data).accuracy,
-                     "seconds": time.time() - t0})
+        jobs = [] if rep_exists else [("representation",
+                                        lambda i=index: train_representation_expert(cfg, data, i, device))]
         if cls_needed:
-            if not store.claim("classifier", index):
-                continue
+            jobs.append(("classifier", lambda i=index: train_classifier_expert(
+                cfg, data, i, store.load("representation", i).final, device)))
+        for kind, train in jobs:
+            if not store.claim(kind, index):
+                break
             try:
-                start = store.load("representation", index).final
-                model, traj = train_classifier_expert(cfg, data, index, start, device, progress=False)
-                store.save("classifier", index, traj, cfg.fp16)
+                model, traj = train()
+                store.save(kind, index, traj, cfg.fp16)
             finally:
-                store.release("classifier", index)
-            done["classifier"] += 1
+                store.release(kind, index)
+            done[kind] += 1
             if log:
-                log({"expert": index, "kind": "classifier", "test_acc": test_metrics(model, data).accuracy,
+                log({"expert": index, "kind": kind, "test_acc": test_metrics(model, data).accuracy,
                      "seconds": time.time() - t0})
     return {"trained": done, "seconds": time.time() - t0,
             "available": {k: len(store.indices(k)) for k in KINDS}}
