@@ -13,15 +13,21 @@ Double backward (trajectory matching)
 -------------------------------------
 Back-propagating through unrolled SGD steps (MTT) differentiates the network's *backward* pass, and PyTorch's
 built-in second derivatives of the ConvNet layers are slow: instance norm's double backward is a long composite of
-elementwise ops, ReLU and average pooling materialise and accumulate all-zero gradients for the saved forward
-tensors, and the convolution's double backward always computes the weight term (with a transposed-batch
-convolution) even when nothing needs it. :func:`use_double_backward_kernels` swaps, in place, a model's
+elementwise ops, ReLU and average pooling materialise and accumulate all-zero gradients for their saved forward
+tensors, and the convolution's double backward computes its weight term (a transposed-batch convolution) even when
+the running backward pass does not need it. :func:`use_double_backward_kernels` swaps, in place, a model's
 ``nn.Conv2d``, instance-norm (``GroupNorm(C, C)`` / :class:`InstanceNorm2dBasic`), ``nn.ReLU`` and ``nn.AvgPool2d``
-modules for subclasses with hand-written first *and* second derivatives (same parameters, names and outputs; the
-trajectory-matching engine does this to its own model). Their second derivatives compute only the terms that the
-running backward pass needs (``torch._C._will_engine_execute_node``, as ``register_multi_grad_hook`` does), so the
-constant-memory mode, which needs no gradient w.r.t. the student's weights there, skips those convolutions. The
-instance-norm and convolution second derivatives are ``once_differentiable`` (third derivatives raise).
+modules for subclasses with hand-written first *and* second derivatives (same parameters and names; the same
+outputs and derivatives up to float rounding; the trajectory-matching engine does this to its own model). Their
+second derivatives compute only the terms that the running backward pass needs (``torch._C._will_engine_execute_node``,
+as ``torch.autograd.graph.register_multi_grad_hook`` does), so e.g. the constant-memory mode, which needs no
+gradient w.r.t. the student's weights there, skips those convolutions. Without a graph to record (a plain
+first-order backward) they call PyTorch's own backward kernels. Also faster on CPU: the input gradient of a layer
+with <= 4 input channels (the image layer) as a batched matrix product and ``fold``, and 2x2/stride-2 average
+pooling as two adds of contiguous halves. The instance-norm and convolution second derivatives cannot be
+differentiated again: asking for a graph of them (``create_graph=True`` through a second derivative, i.e. a third
+derivative) raises at once. (PyTorch's ``once_differentiable`` would only raise on a full ``.backward()`` and
+silently drop the term under ``torch.autograd.grad(..., inputs)``.)
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from ltdd.errors import LtddError
@@ -280,17 +285,41 @@ def _will_run(node) -> bool:
         return True
 
 
+def _no_third_derivative(backward):
+    """Run a second derivative without recording a graph, and refuse to be differentiated again.
+
+    Raises when called with grad mode on and an incoming gradient that requires grad (someone asked for a third
+    derivative); unlike ``once_differentiable`` this cannot be bypassed by ``torch.autograd.grad`` to chosen inputs.
+    """
+
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+            raise RuntimeError("ltdd's double-backward kernels support second derivatives only (a third derivative "
+                               "was asked for); build the model without use_double_backward_kernels")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    wrapper.__doc__ = backward.__doc__
+    return wrapper
+
+
+def _fold_input_grad(x: Tensor, w: Tensor, groups: int) -> bool:
+    """Whether :func:`_conv_input_grad` uses the matrix product + ``fold`` formulation (CPU, <= 4 input channels)."""
+    return groups == 1 and w.shape[1] <= 4 and x.dim() == 4 and x.device.type == "cpu"
+
+
 def _conv_input_grad(gy: Tensor, x: Tensor, w: Tensor, conv) -> Tensor:
     """Gradient of ``conv2d(x, w)`` w.r.t. ``x`` for the output gradient ``gy``.
 
-    For a layer with few input channels (the image layer: 1 or 3) this is a matrix product and ``fold`` (col2im),
-    about 2.5x faster on CPU than the backward-data convolution, which is inefficient with so few output channels.
+    For a layer with few input channels (the image layer: 1 or 3) on CPU this is a batched matrix product and
+    ``fold`` (col2im), about 2.5x faster than oneDNN's backward-data convolution with so few output channels.
     """
     stride, padding, dilation, groups = conv
     co, ci, kh, kw = w.shape
-    if groups == 1 and ci <= 4 and x.dim() == 4:
+    if _fold_input_grad(x, w, groups):
         n = gy.shape[0]
-        cols = torch.matmul(w.reshape(co, ci * kh * kw).t(), gy.reshape(n, co, -1))
+        wt = w.reshape(co, ci * kh * kw).t().unsqueeze(0).expand(n, ci * kh * kw, co)
+        cols = torch.bmm(wt, gy.reshape(n, co, -1))  # (not matmul: it would copy gy into a transposed layout)
         return F.fold(cols, x.shape[-2:], (kh, kw), dilation=dilation, padding=padding, stride=stride)
     return _conv_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False])[0]
 
@@ -299,7 +328,7 @@ def _conv_grads(gy: Tensor, x: Tensor, w: Tensor, bias_sizes, conv, mask):
     """(dx, dw, db) of ``conv2d`` as selected by ``mask`` (None where not selected)."""
     stride, padding, dilation, groups = conv
     gx = None
-    if mask[0] and w.shape[1] <= 4:
+    if mask[0] and _fold_input_grad(x, w, groups):
         gx, mask = _conv_input_grad(gy, x, w, conv), [False, mask[1], mask[2]]
     if any(mask):
         gx2, gw, gb = _conv_backward(gy, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
@@ -321,7 +350,7 @@ class _ConvBackward(Function):
         return gx, gw, gb
 
     @staticmethod
-    @once_differentiable
+    @_no_third_derivative
     def backward(ctx, ux, uw, ub):
         gy, x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
@@ -391,7 +420,7 @@ class _InstanceNormBackward(Function):
         return gx.view(x.shape), s * b.sum(0), s * a.sum(0)
 
     @staticmethod
-    @once_differentiable
+    @_no_third_derivative
     def backward(ctx, u, om, be):
         gz, x, w, mu, r, a, b = ctx.saved_tensors
         need_gz, need_x, need_w = (_will_run(n) for n in ctx.nodes)
@@ -477,9 +506,9 @@ class _ReLU(Function):
 
 
 def _is_pool2x2(x: Tensor, pool) -> bool:
-    """2x2 windows, stride 2, no padding, even contiguous NCHW input: the case with a faster formulation below."""
+    """2x2 windows, stride 2, no padding, even contiguous NCHW input on CPU: the case of the faster kernels below."""
     return (pool[0] == [2, 2] and pool[1] == [2, 2] and pool[2] == [0, 0] and pool[5] is None and x.dim() == 4
-            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous())
+            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous() and x.device.type == "cpu")
 
 
 def _pool2x2(x: Tensor) -> Tensor:
@@ -530,7 +559,7 @@ class _AvgPool2d(Function):
 
 
 class DoubleBackwardConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (zero padding, numeric padding) with a cheaper second derivative."""
+    """``nn.Conv2d`` (zero padding given as numbers) with a second derivative that computes only what is needed."""
 
     def forward(self, x: Tensor) -> Tensor:
         conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
@@ -552,14 +581,14 @@ class DoubleBackwardInstanceNorm2dBasic(InstanceNorm2dBasic):
 
 
 class DoubleBackwardReLU(nn.ReLU):
-    """``nn.ReLU`` whose second derivative does not materialise zeros."""
+    """``nn.ReLU`` whose second derivative does not materialise zeros (the derivative w.r.t. the saved output)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return _ReLU.apply(x)
 
 
 class DoubleBackwardAvgPool2d(nn.AvgPool2d):
-    """``nn.AvgPool2d`` whose second derivative does not materialise zeros."""
+    """``nn.AvgPool2d`` whose second derivative does not materialise zeros (2x2/stride 2: also a faster kernel)."""
 
     def forward(self, x: Tensor) -> Tensor:
         k = _pair(self.kernel_size)
