@@ -41,6 +41,7 @@ def barrier() -> None:
         dist.barrier()
 
 CIFAR = "../shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_METHODS = "random,dc,dm,mtt,datm,lad,erm,crt"
 
 # lad.md §6.1 (Table 1 of the LAD paper), IPC 10 columns; "full" = full long-tailed dataset
 PAPER_LAD_C10 = {
@@ -164,7 +165,7 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
     ifs = [int(x) for x in args.ifs.split(",")]
     methods = args.methods.split(",")
     lines = [f"# LAD Table 1 (CIFAR-10-LT, IPC 10) at the `{args.profile}` profile", "",
-             f"Command: `python benchmarks/reproduce.py --profile {args.profile} --table lad-cifar10lt`  ",
+             f"Command: `{_command(args)}`  ",
              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {args.device or 'auto'}; "
              f"date {time.strftime('%Y-%m-%d')}.", "", "Scale (what differs from the paper):", ""]
     if args.profile == "cpu":
@@ -202,6 +203,20 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
     lines += ["", f"![accuracy vs IF](lad-cifar10lt-{args.profile}-vs-if.png)", ""]
     lines += ["## Reading", "", _reading(results, ifs), ""]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
+
+
+def _command(args) -> str:
+    """The command line that reproduces this report (the arguments that differ from the defaults)."""
+    cmd = f"python benchmarks/reproduce.py --profile {args.profile} --table {args.table}"
+    if args.ifs != "10,100":
+        cmd += f" --ifs {args.ifs}"
+    if args.methods != DEFAULT_METHODS:
+        cmd += f" --methods {args.methods}"
+    if args.runs != 3:
+        cmd += f" --runs {args.runs}"
+    if args.full_epochs != 30:
+        cmd += f" --full-epochs {args.full_epochs}"
+    return cmd
 
 
 def _reading(results, ifs) -> str:
@@ -274,12 +289,14 @@ def main(argv=None) -> int:
     p.add_argument("--table", choices=["lad-cifar10lt", "two-stage"], default="lad-cifar10lt")
     p.add_argument("--root", default=CIFAR)
     p.add_argument("--ifs", default="10,100")
-    p.add_argument("--methods", default="random,dc,dm,mtt,datm,lad,erm,crt")
+    p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--full-epochs", type=int, default=30)
     p.add_argument("--device", default=None)
     p.add_argument("--work", default=None)
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the finished cells; compute nothing")
     args = p.parse_args(argv)
     with dist_context():
         return _main(args)
@@ -307,6 +324,10 @@ def _main(args) -> int:
         plots(args, results, out_dir, data.class_names)
         write_lad_report(args, results, stem.with_suffix(".md"), data.class_names)
 
+    if args.report_only:
+        write()
+        _log(f"wrote {stem}.md and .json from the finished cells")
+        return 0
     if table.rank == 0:
         table.on_cell = write  # the report grows cell by cell, so a stopped run still leaves its figures
     lad_cifar10lt(args, table)
