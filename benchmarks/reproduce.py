@@ -1,14 +1,20 @@
 """Reproduce the papers' tables with ltdd, on the same experts and splits, and write a comparison report.
 
-    python benchmarks/reproduce.py --profile cpu --table lad-cifar10lt
+    python benchmarks/reproduce.py --profile cpu --table lad-cifar10lt            # IF 10 and 100, IPC 10
+    python benchmarks/reproduce.py --profile gpu --table lad-cifar10lt            # paper scale, IPC 10 and 50
     python benchmarks/reproduce.py --profile cpu --table two-stage
+    python benchmarks/reproduce.py ... --plan           # list every cell, its preset, scale and state; compute nothing
+    python benchmarks/reproduce.py ... --report-only    # rewrite the report from the finished cells
 
+The LAD table's cells are (IF, IPC, method): ``--ifs``, ``--ipcs`` and ``--methods`` choose them. MTT, DATM and LAD
+share one expert store per IF. Full-data rows (erm, crt) are trained on the whole long-tailed set, one cell per IF.
 Under ``torchrun --nproc_per_node=K benchmarks/reproduce.py ...`` the experts and the cells are spread over the
-ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell (IF x method) is computed once and stored under ``--work`` (default runs/reproduce/<table>-<profile>);
-a killed run continues where it stopped: finished cells are not recomputed, an interrupted distillation resumes
-from its checkpoint and an interrupted expert store is filled up. Results go to
-``benchmarks/results/<table>-<profile>.md`` and ``.json`` with the paper's numbers beside ours, per-class accuracy,
-head/medium/tail, seconds and peak memory per method, and plots.
+ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell is computed once and stored under
+``--work`` (default runs/reproduce/<table>-<profile>); a killed run continues where it stopped: finished cells are
+not recomputed, an interrupted distillation resumes from its checkpoint and an interrupted expert store is filled
+up. Results go to ``benchmarks/results/<table>-<profile>.md`` and ``.json`` with the paper's numbers beside ours,
+per-class accuracy, head/medium/tail, seconds and peak memory per method, and plots (per-class accuracy per
+column; accuracy against IF).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ltdd.config import (RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, load_preset,
+from ltdd.config import (RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, list_presets, load_preset,
                          save_json)
 from ltdd.data import prepare_data
 from ltdd.distill import distill
@@ -41,18 +47,31 @@ def barrier() -> None:
         dist.barrier()
 
 CIFAR = "../shared/data/cifar10-jpeg.tar.gz"
+# the CIFAR-10 batches' label names in label order (= head to tail: the long-tailed split keeps the natural order)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_METHODS = "random,dc,dm,mtt,datm,lad,erm,crt"
 
-# lad.md §6.1 (Table 1 of the LAD paper), IPC 10 columns; "full" = full long-tailed dataset
-PAPER_LAD_C10 = {
-    10: {"random": "32.5±2.2", "dc": "37.9±0.9", "mtt": "58.0±0.8", "datm": "57.2±0.4", "lad": "58.1±0.3",
-         "erm": "76.7±0.3"},
-    50: {"random": "33.2±0.4", "dc": "37.3±0.9", "mtt": "45.8±1.4", "datm": "41.6±0.2", "lad": "54.2±1.0",
-         "erm": "69.8±0.3"},
-    100: {"random": "34.4±2.0", "dc": "36.7±0.8", "mtt": "37.7±0.6", "datm": "37.3±0.2", "lad": "53.4±0.1",
-          "erm": "66.2±0.4"},
-    200: {"random": "32.5±0.8", "dc": "35.6±0.8", "mtt": "N/A", "datm": "N/A", "lad": "52.2±0.6", "erm": "62.1±0.4"},
+# lad.md §6.1 (Table 1 of the LAD paper): PAPER_LAD_C10[IF][IPC][method]; "erm" = the full long-tailed dataset
+# (one number per IF, repeated under every IPC). Methods the paper's table does not have are absent.
+_P = {  # method: {IF: (IPC 10, IPC 20, IPC 50)}
+    "random": {10: ("32.5±2.2", "39.6±0.9", "51.9±1.5"), 50: ("33.2±0.4", "42.0±1.3", "51.6±1.3"),
+               100: ("34.4±2.0", "41.4±0.7", "52.6±0.5"), 200: ("32.5±0.8", "42.2±1.1", "49.9±1.4")},
+    "kcenter": {10: ("21.9±0.8", "24.2±0.8", "31.7±0.9"), 50: ("17.8±0.2", "20.8±0.5", "26.1±0.2"),
+                100: ("16.2±0.5", "19.0±1.0", "24.2±1.2"), 200: ("16.8±0.3", "17.5±1.4", "22.6±1.6")},
+    "dc": {10: ("37.9±0.9", "38.5±0.9", "37.4±1.4"), 50: ("37.3±0.9", "38.8±1.0", "35.8±1.2"),
+           100: ("36.7±0.8", "38.1±1.0", "35.3±1.4"), 200: ("35.6±0.8", "35.7±0.9", "33.3±1.4")},
+    "mtt": {10: ("58.0±0.8", "59.5±0.4", "62.0±0.9"), 50: ("45.8±1.4", "49.9±0.8", "53.6±0.5"),
+            100: ("37.7±0.6", "41.6±1.1", "47.8±1.1"), 200: ("N/A", "22.6±1.0", "23.9±0.8")},
+    "datm": {10: ("57.2±0.4", "60.4±0.2", "66.7±0.6"), 50: ("41.6±0.2", "43.4±0.3", "50.3±0.2"),
+             100: ("37.3±0.2", "38.9±0.1", "44.3±0.1"), 200: ("N/A", "34.8±0.1", "40.1±0.2")},
+    "lad": {10: ("58.1±0.3", "63.0±1.0", "70.5±0.4"), 50: ("54.2±1.0", "59.4±0.7", "65.8±0.2"),
+            100: ("53.4±0.1", "58.2±0.6", "64.0±0.9"), 200: ("52.2±0.6", "56.6±0.4", "62.3±0.3")},
 }
+_FULL = {10: "76.7±0.3", 50: "69.8±0.3", 100: "66.2±0.4", 200: "62.1±0.4"}
+PAPER_LAD_C10 = {IF: {ipc: {**{m: v[IF][i] for m, v in _P.items()}, "erm": _FULL[IF]}
+                      for i, ipc in enumerate((10, 20, 50))} for IF in _FULL}
+FULL_DATA = ("erm", "crt", "balanced_softmax")  # trained on the real long-tailed set: one cell per IF, no IPC
+TRAJECTORY = ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed")  # need the expert store
 
 # the CPU profile: what changes against the paper scale (stated in the report)
 CPU_SCALE = {
@@ -65,6 +84,19 @@ CPU_SCALE = {
                   "(paper: width 128, 1000 epochs, 5 runs)",
     "full data": "ConvNet-3 width 32, 30 epochs, cosine lr 0.01 momentum 0.9, DSA; cRT: 10 classifier epochs "
                  "with class-balanced sampling (paper's full-data row: ConvNet-3 width 128)",
+}
+
+# the GPU profile: the paper's scale (lad.md §3, §4.7, §5); what is still ours is said here
+GPU_SCALE = {
+    "model": "ConvNet-3, width 128, instance norm (as the paper)",
+    "experts": "the lad preset: 100 representation experts x 100 epochs with GSAM, classifier experts x 10 epochs "
+               "(as the paper); MTT, DATM and LAD share these stores",
+    "distillation": "LAD: its released configuration for (IF, IPC) (lad.md §4.7, upstream bugs fixed); MTT / DATM / "
+                    "DC / DM / coresets: their presets at full scale with the IPC set (the DATM preset is its "
+                    "IPC 10 configuration: no per-IPC retuning)",
+    "evaluation": "protocol 'lad': ConvNet-3 width 128, 1000 epochs, lr = learned lr, DSA, 5 runs (as the paper)",
+    "full data": "ConvNet-3 width 128, 200 epochs (--full-epochs), cosine lr 0.01 momentum 0.9, DSA (the paper does "
+                 "not state its full-data schedule); cRT: 10 classifier epochs, class-balanced sampling",
 }
 
 
@@ -123,37 +155,111 @@ def _distill_cell(table: Table, cfg: RunConfig, data, name: str, experts_dir, ru
             "peak_memory_mb": peak_memory_mb(table.device), "config": cfg.distill.method}
 
 
-def lad_cifar10lt(args, table: Table) -> dict:
-    ifs = [int(x) for x in args.ifs.split(",")]
-    methods = args.methods.split(",")
-    results: dict = {}
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def columns(args) -> list[tuple[int, int]]:
+    """The table's columns: (IF, IPC) pairs."""
+    return [(IF, ipc) for IF in _ints(args.ifs) for ipc in _ints(args.ipcs)]
+
+
+def col_name(IF: int, ipc: int) -> str:
+    return f"if{IF}-ipc{ipc}"
+
+
+def cell_key(IF: int, ipc: int, method: str) -> str:
+    """A cell's name under ``<work>/cells``. Full-data cells are shared by every IPC of an IF; IPC 10 cells keep the
+    short names of the first (IPC 10 only) version of this script, so their finished cells stay valid."""
+    if method in FULL_DATA or ipc == 10:
+        return f"if{IF}-{method}"
+    return f"if{IF}-ipc{ipc}-{method}"
+
+
+def method_config(args, method: str, IF: int, ipc: int) -> tuple[str, RunConfig]:
+    """(preset name, resolved config) of a distillation cell. The GPU profile runs LAD with its released
+    configuration for (IF, IPC) where lad.md §4.7 has one; everything else is the method's preset at the
+    profile, with the IF and IPC set."""
     profile = "cpu" if args.profile == "cpu" else None
-    for IF in ifs:
-        base = load_preset("lad", profile, [f"data.imbalance_factor={IF}", f"data.root={args.root}"])
+    over = [f"data.imbalance_factor={IF}", f"data.root={args.root}", f"distill.ipc={ipc}"]
+    if method == "lad" and profile is None:
+        released = f"lad-cifar10-if{IF}-ipc{ipc}"
+        if released in list_presets():
+            return released, load_preset(released, None, [f"data.root={args.root}"])
+    return method, load_preset(method, profile, over)
+
+
+def expert_config(args, IF: int) -> RunConfig:
+    """The expert stores of a column: the LAD preset's experts (representation + classifier experts), shared by
+    MTT, DATM and LAD so that they are compared on the same trajectories."""
+    return load_preset("lad", "cpu" if args.profile == "cpu" else None,
+                       [f"data.imbalance_factor={IF}", f"data.root={args.root}"])
+
+
+def plan(args, table: Table) -> list[dict]:
+    """Every cell of the table with what it will run and its state (done / partial / to do); computes nothing."""
+    rows = []
+    seen = set()
+    for IF, ipc in columns(args):
+        for m in args.methods.split(","):
+            key = cell_key(IF, ipc, m)
+            if key in seen:
+                continue
+            seen.add(key)
+            state = "done" if (table.cells_dir / f"{key}.json").is_file() else (
+                "partial" if (table.work / key / "checkpoint.safetensors").is_file() else "to do")
+            if m in FULL_DATA:
+                rows.append({"cell": key, "IF": IF, "ipc": None, "method": m, "preset": "-", "state": state,
+                             "what": f"full long-tailed set, {args.full_epochs} epochs"})
+                continue
+            preset, cfg = method_config(args, m, IF, ipc)
+            d = cfg.distill
+            what = f"ipc {d.ipc}, {d.iterations} iterations"
+            if m in TRAJECTORY:
+                what += ", phases " + ", ".join(f"{ph.name}(N={ph.syn_steps}, M={ph.expert_epochs}, "
+                                                f"start<{ph.max_start_epoch}, {ph.match})" for ph in d.phases)
+            if m in TRAJECTORY:
+                e = expert_config(args, IF).experts
+                what += f"; experts {e.num_experts} x {e.epochs} epochs"
+            rows.append({"cell": key, "IF": IF, "ipc": ipc, "method": m, "preset": preset, "state": state,
+                         "what": what})
+    return rows
+
+
+def lad_cifar10lt(args, table: Table) -> None:
+    methods = args.methods.split(",")
+    for IF in _ints(args.ifs):
+        base = expert_config(args, IF)
         data = prepare_data(base.data)
         experts_dir = table.work / f"experts-if{IF}"
-        if any(m in ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed") for m in methods):
+        if any(m in TRAJECTORY for m in methods):
             _log(f"IF {IF}: experts")
-            t0 = time.time()
             train_experts(base.experts, data, experts_dir, device=table.device, progress=False, rank=table.rank,
                           world=table.world)
             barrier()
-            results.setdefault("experts_seconds", {})[IF] = time.time() - t0
-        row = {}
-        for m in methods:
-            key = f"if{IF}-{m}"
-            if m in ("erm", "crt", "balanced_softmax"):
-                proto = base.protocol_config()
-                tcfg = TrainConfig(epochs=args.full_epochs, lr=0.01, batch_size=256, schedule="cosine", dsa=True)
-                row[m] = table.cell(key, lambda: run_full(data, m, proto.model, tcfg, runs=1, device=table.device,
-                                                          crt_epochs=10))
-                continue
-            preset = {"dc": "dc", "dm": "dm", "random": "random"}.get(m, m)
-            cfg = load_preset(preset, profile, [f"data.imbalance_factor={IF}", f"data.root={args.root}"])
-            needs = m in ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed")
-            row[m] = table.cell(key, lambda: _distill_cell(table, cfg, data, key, experts_dir if needs else None,
-                                                           args.runs))
-        results[IF] = row
+        for ipc in _ints(args.ipcs):
+            for m in methods:
+                key = cell_key(IF, ipc, m)
+                if m in FULL_DATA:
+                    proto = base.protocol_config()
+                    tcfg = TrainConfig(epochs=args.full_epochs, lr=0.01, batch_size=256, schedule="cosine", dsa=True)
+                    table.cell(key, lambda: run_full(data, m, proto.model, tcfg, runs=1, device=table.device,
+                                                     crt_epochs=10))
+                    continue
+                _, cfg = method_config(args, m, IF, ipc)
+                needs = m in TRAJECTORY
+                table.cell(key, lambda: _distill_cell(table, cfg, data, key, experts_dir if needs else None,
+                                                      args.runs))
+
+
+def collect_cells(args, table: Table) -> dict:
+    """{column name: {method: cell}} for the finished cells of the requested columns."""
+    results: dict = {}
+    for IF, ipc in columns(args):
+        for m in args.methods.split(","):
+            path = table.cells_dir / f"{cell_key(IF, ipc, m)}.json"
+            if path.is_file():
+                results.setdefault(col_name(IF, ipc), {})[m] = json.loads(path.read_text())
     return results
 
 
@@ -161,31 +267,38 @@ def _fmt(ms) -> str:
     return f"{100 * ms['mean']:.1f}±{100 * ms['std']:.1f}" if ms and ms.get("mean") is not None else "–"
 
 
+def _paper(IF: int, ipc: int, method: str) -> str:
+    return PAPER_LAD_C10.get(IF, {}).get(ipc, {}).get(method, "–")
+
+
 def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
-    ifs = [int(x) for x in args.ifs.split(",")]
+    cols = columns(args)
     methods = args.methods.split(",")
-    lines = [f"# LAD Table 1 (CIFAR-10-LT, IPC 10) at the `{args.profile}` profile", "",
+    lines = [f"# LAD Table 1 (CIFAR-10-LT) at the `{args.profile}` profile", "",
              f"Command: `{_command(args)}`  ",
              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {args.device or 'auto'}; "
              f"date {time.strftime('%Y-%m-%d')}.", "", "Scale (what differs from the paper):", ""]
     if args.profile == "cpu":
         lines += [f"- {k}: {v}" for k, v in CPU_SCALE.items()]
+    else:
+        lines += [f"- {k}: {v}" for k, v in GPU_SCALE.items()]
     lines += ["", "## Overall accuracy (%), ours vs paper", "",
-              "| method | " + " | ".join(f"IF {IF} ours | IF {IF} paper" for IF in ifs) + " |",
-              "| --- | " + " | ".join("--- | ---" for _ in ifs) + " |"]
+              "| method | " + " | ".join(f"IF {IF} IPC {ipc} ours | paper" for IF, ipc in cols) + " |",
+              "| --- | " + " | ".join("--- | ---" for _ in cols) + " |"]
     for m in methods:
         cells = []
-        for IF in ifs:
-            r = results.get(IF, {}).get(m)
-            paper = PAPER_LAD_C10.get(IF, {}).get(m if m != "crt" else "-", "–")
-            cells.append(f"{_fmt(r['summary']['accuracy']) if r else '–'} | {paper}")
+        for IF, ipc in cols:
+            r = results.get(col_name(IF, ipc), {}).get(m)
+            cells.append(f"{_fmt(r['summary']['accuracy']) if r else '–'} | {_paper(IF, ipc, m)}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for IF in ifs:
-        lines += ["", f"## IF {IF}: per-class and group accuracy (%), class std, cost", "",
+    lines += ["", "erm and crt are trained on the whole long-tailed set (no IPC): the same cell under every IPC."]
+    for IF, ipc in cols:
+        row = results.get(col_name(IF, ipc), {})
+        lines += ["", f"## IF {IF}, IPC {ipc}: per-class and group accuracy (%), class std, cost", "",
                   "| method | acc | class std | worst | head | medium | tail | many | med-shot | few | seconds | "
                   "peak MB |", "| --- " * 12 + "|"]
         for m in methods:
-            r = results.get(IF, {}).get(m)
+            r = row.get(m)
             if not r:
                 continue
             s, g = r["summary"], r["summary"]["groups"]
@@ -196,13 +309,17 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
         lines += ["", "Per-class accuracy (%), head → tail:", "",
                   "| method | " + " | ".join(class_names) + " |", "| --- " * (len(class_names) + 1) + "|"]
         for m in methods:
-            r = results.get(IF, {}).get(m)
+            r = row.get(m)
             if r:
                 lines.append(f"| {m} | " + " | ".join(f"{100 * a:.1f}" for a in r["summary"]["per_class"]) + " |")
-        lines += ["", f"![per-class accuracy IF {IF}](lad-cifar10lt-{args.profile}-perclass-if{IF}.png)"]
+        lines += ["", f"![per-class accuracy IF {IF} IPC {ipc}]({_perclass_png(args, IF, ipc)})"]
     lines += ["", f"![accuracy vs IF](lad-cifar10lt-{args.profile}-vs-if.png)", ""]
-    lines += ["## Reading", "", _reading(results, ifs), ""]
+    lines += ["## Reading", "", _reading(results, cols), ""]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
+
+
+def _perclass_png(args, IF: int, ipc: int) -> str:
+    return f"lad-cifar10lt-{args.profile}-perclass-if{IF}-ipc{ipc}.png"
 
 
 def _command(args) -> str:
@@ -210,28 +327,35 @@ def _command(args) -> str:
     cmd = f"python benchmarks/reproduce.py --profile {args.profile} --table {args.table}"
     if args.ifs != "10,100":
         cmd += f" --ifs {args.ifs}"
+    if args.ipcs != default_ipcs(args.profile):
+        cmd += f" --ipcs {args.ipcs}"
     if args.methods != DEFAULT_METHODS:
         cmd += f" --methods {args.methods}"
     if args.runs != 3:
         cmd += f" --runs {args.runs}"
-    if args.full_epochs != 30:
+    if args.full_epochs != default_full_epochs(args.profile):
         cmd += f" --full-epochs {args.full_epochs}"
     return cmd
 
 
-def _reading(results, ifs) -> str:
+def _reading(results: dict, cols) -> str:
     notes = []
-    for IF in ifs:
-        row = results.get(IF, {})
+    for IF, ipc in cols:
+        row = results.get(col_name(IF, ipc), {})
         acc = {m: r["summary"]["accuracy"]["mean"] for m, r in row.items() if r}
         std = {m: r["summary"]["class_std"]["mean"] for m, r in row.items() if r}
+        where = f"IF {IF}, IPC {ipc}"
         if {"lad", "datm", "mtt"} <= acc.keys():
             order = "holds" if acc["lad"] > max(acc["datm"], acc["mtt"]) else "does NOT hold"
-            notes.append(f"IF {IF}: LAD {100 * acc['lad']:.1f} vs DATM {100 * acc['datm']:.1f} vs MTT "
+            notes.append(f"{where}: LAD {100 * acc['lad']:.1f} vs DATM {100 * acc['datm']:.1f} vs MTT "
                          f"{100 * acc['mtt']:.1f} - the paper's ordering (LAD above DATM and MTT) {order} here.")
+        better = [m for m in acc if m not in FULL_DATA and m != "lad" and "lad" in acc and acc[m] > acc["lad"]]
+        if better:
+            notes.append(f"{where}: distilled/coreset sets above LAD here: "
+                         + ", ".join(f"{m} {100 * acc[m]:.1f}" for m in better) + ".")
         if "erm" in std:
-            narrower = [m for m in std if m not in ("erm", "crt", "balanced_softmax") and std[m] < std["erm"]]
-            notes.append(f"IF {IF}: per-class accuracy std of full-data ERM {100 * std['erm']:.1f}; distilled sets "
+            narrower = [m for m in std if m not in FULL_DATA and std[m] < std["erm"]]
+            notes.append(f"{where}: per-class accuracy std of full-data ERM {100 * std['erm']:.1f}; distilled sets "
                          f"with a narrower spread: {', '.join(narrower) or 'none'}.")
     return "\n".join(f"- {n}" for n in notes) or "- (no complete rows yet)"
 
@@ -245,10 +369,15 @@ def plots(args, results, out_dir: Path, class_names) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ifs = [int(x) for x in args.ifs.split(",")]
-    methods = [m for m in args.methods.split(",")]
-    for IF in ifs:
-        row = {m: r for m, r in results.get(IF, {}).items() if r}
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(out_dir / name, buf.getvalue())
+
+    for IF, ipc in columns(args):
+        row = {m: r for m, r in results.get(col_name(IF, ipc), {}).items() if r}
         if not row:
             continue
         fig, ax = plt.subplots(figsize=(9, 3.5))
@@ -259,28 +388,32 @@ def plots(args, results, out_dir: Path, class_names) -> None:
         ax.set_xticks(range(len(class_names)))
         ax.set_xticklabels(class_names, fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"CIFAR-10-LT IF {IF}, IPC 10 ({args.profile} profile): per-class accuracy, head → tail")
+        ax.set_title(f"CIFAR-10-LT IF {IF}, IPC {ipc} ({args.profile} profile): per-class accuracy, head → tail")
         ax.legend(fontsize=7, ncol=4)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(out_dir / f"lad-cifar10lt-{args.profile}-perclass-if{IF}.png", buf.getvalue())
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m in methods:
-        xs = [IF for IF in ifs if results.get(IF, {}).get(m)]
-        ys = [100 * results[IF][m]["summary"]["accuracy"]["mean"] for IF in xs]
-        if xs:
-            ax.plot(xs, ys, marker="o", label=m)
+        save(fig, _perclass_png(args, IF, ipc))
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ifs, ipcs = _ints(args.ifs), _ints(args.ipcs)
+    for m in args.methods.split(","):
+        for ipc in ([None] if m in FULL_DATA else ipcs):
+            xs = [IF for IF in ifs if results.get(col_name(IF, ipc or ipcs[0]), {}).get(m)]
+            ys = [100 * results[col_name(IF, ipc or ipcs[0])][m]["summary"]["accuracy"]["mean"] for IF in xs]
+            if xs:
+                label = m if ipc is None or len(ipcs) == 1 else f"{m} IPC {ipc}"
+                ax.plot(xs, ys, marker="o", linestyle="--" if ipc is None else "-", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("imbalance factor")
     ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"CIFAR-10-LT ({args.profile} profile)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_dir / f"lad-cifar10lt-{args.profile}-vs-if.png", buf.getvalue())
+    save(fig, f"lad-cifar10lt-{args.profile}-vs-if.png")
+
+
+def default_full_epochs(profile: str) -> int:
+    return 30 if profile == "cpu" else 200
+
+
+def default_ipcs(profile: str) -> str:
+    return "10" if profile == "cpu" else "10,50"
 
 
 def main(argv=None) -> int:
@@ -289,15 +422,22 @@ def main(argv=None) -> int:
     p.add_argument("--table", choices=["lad-cifar10lt", "two-stage"], default="lad-cifar10lt")
     p.add_argument("--root", default=CIFAR)
     p.add_argument("--ifs", default="10,100")
+    p.add_argument("--ipcs", default=None, help="images per class, comma-separated (default: 10 for cpu, 10,50 for gpu)")
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--full-epochs", type=int, default=30)
+    p.add_argument("--full-epochs", type=int, default=None, help="full-data epochs (default: 30 cpu, 200 gpu)")
     p.add_argument("--device", default=None)
     p.add_argument("--work", default=None)
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the finished cells; compute nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print every cell with its preset, scale and state (done / partial / to do); compute nothing")
     args = p.parse_args(argv)
+    if args.ipcs is None:
+        args.ipcs = default_ipcs(args.profile)
+    if args.full_epochs is None:
+        args.full_epochs = default_full_epochs(args.profile)
     with dist_context():
         return _main(args)
 
@@ -314,15 +454,21 @@ def _main(args) -> int:
         from two_stage_table import two_stage_table  # noqa: E402  (benchmarks/two_stage_table.py)
 
         return two_stage_table(args, table, out_dir)
-    data = prepare_data(load_preset("lad", None, [f"data.root={args.root}"]).data)
+    if args.plan:
+        rows = plan(args, table)
+        for r in rows:
+            print(f"{r['cell']:28s} {r['state']:8s} preset {r['preset']:24s} {r['what']}")
+        print(f"{len(rows)} cells: {sum(r['state'] == 'done' for r in rows)} done, "
+              f"{sum(r['state'] == 'partial' for r in rows)} partial, {sum(r['state'] == 'to do' for r in rows)} to do")
+        return 0
     stem = out_dir / f"lad-cifar10lt-{args.profile}"
 
     def write() -> None:
         results = collect_cells(args, table)
         save_json(stem.with_suffix(".json"), {"profile": args.profile, "scale": CPU_SCALE if args.profile == "cpu"
-                                              else "paper", "paper": PAPER_LAD_C10, "results": results})
-        plots(args, results, out_dir, data.class_names)
-        write_lad_report(args, results, stem.with_suffix(".md"), data.class_names)
+                                              else GPU_SCALE, "command": _command(args), "paper": PAPER_LAD_C10, "results": results})
+        plots(args, results, out_dir, CIFAR10_CLASSES)
+        write_lad_report(args, results, stem.with_suffix(".md"), CIFAR10_CLASSES)
 
     if args.report_only:
         write()
@@ -336,16 +482,6 @@ def _main(args) -> int:
         write()
         _log(f"wrote {stem}.md and .json")
     return 0
-
-
-def collect_cells(args, table: Table) -> dict:
-    results: dict = {}
-    for IF in [int(x) for x in args.ifs.split(",")]:
-        for m in args.methods.split(","):
-            path = table.cells_dir / f"if{IF}-{m}.json"
-            if path.is_file():
-                results.setdefault(IF, {})[m] = json.loads(path.read_text())
-    return results
 
 
 if __name__ == "__main__":
