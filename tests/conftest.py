@@ -16,6 +16,15 @@ from ltdd.models.functional import ParamLayout
 TINY_MODEL = ModelConfig("convnet", {"width": 4, "depth": 1})
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny problems: one intra-op thread avoids OpenMP thrashing on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Identity:
     def to_pixels(self, x):
         return (x - x.min()) / (x.max() - x.min() + 1e-8)

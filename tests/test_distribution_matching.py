@@ -14,13 +14,7 @@ from ltdd.synset import SyntheticSet
 TINY = {"name": "convnet", "args": {"width": 4, "depth": 1}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread avoids OpenMP thrashing on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dm(dsa=True, **kw):
