@@ -12,7 +12,8 @@ Under ``torchrun --nproc_per_node=K benchmarks/reproduce.py ...`` the experts an
 ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell is computed once and stored under
 ``--work`` (default runs/reproduce/<table>-<profile>); a killed run continues where it stopped: finished cells are
 not recomputed, an interrupted distillation resumes from its checkpoint and an interrupted expert store is filled
-up. Results go to ``benchmarks/results/<table>-<profile>.md`` and ``.json`` with the paper's numbers beside ours,
+up. Several independent processes may share one work folder (start the same command twice, e.g. one per core):
+cells and experts are claimed with lock files, so they split the work. Results go to ``benchmarks/results/<table>-<profile>.md`` and ``.json`` with the paper's numbers beside ours,
 per-class accuracy, head/medium/tail, seconds and peak memory per method, and plots (per-class accuracy per
 column; accuracy against IF).
 """
@@ -34,6 +35,7 @@ from ltdd.distill import distill
 from ltdd.distill.run import peak_memory_mb
 from ltdd.evaluate import run_protocol
 from ltdd.experts import train_experts
+from ltdd.locks import lock_is_stale, try_lock, unlock
 from ltdd.lt_methods import run_full
 from ltdd.synset import SyntheticSet
 from ltdd.distributed import dist_context, local_only, rank_world
@@ -117,7 +119,11 @@ class Table:
 
     def cell(self, key: str, fn):
         """Compute (or reuse) one cell. Under torchrun the cells are dealt round-robin to the ranks; a rank
-        returns None for cells it does not own, and the report is written by rank 0 after a barrier."""
+        returns None for cells it does not own, and the report is written by rank 0 after a barrier.
+
+        Independent processes may also share one work folder (start the same command twice): a cell is claimed
+        with a lock file, a process skips the cells another live process holds, and a dead process's claim is
+        taken over (ltdd.locks)."""
         path = self.cells_dir / f"{key}.json"
         self.count += 1
         if path.is_file():
@@ -125,12 +131,21 @@ class Table:
             return json.loads(path.read_text())
         if (self.count - 1) % self.world != self.rank:
             return None
-        _log(f"{key}: running")
-        t0 = time.time()
-        with local_only():  # a cell is one rank's independent work
-            res = fn()
-        res.setdefault("seconds", time.time() - t0)
-        save_json(path, res)
+        lock = self.cells_dir / f"{key}.lock"
+        if not try_lock(lock):
+            _log(f"{key}: another process is computing it, skipping")
+            return None
+        try:
+            if path.is_file():  # finished by another process between the check above and the claim
+                return json.loads(path.read_text())
+            _log(f"{key}: running")
+            t0 = time.time()
+            with local_only():  # a cell is one rank's independent work
+                res = fn()
+            res.setdefault("seconds", time.time() - t0)
+            save_json(path, res)
+        finally:
+            unlock(lock)
         if self.on_cell:
             self.on_cell()
         _log(f"{key}: acc {100 * res['summary']['accuracy']['mean']:.1f} "
@@ -207,6 +222,8 @@ def plan(args, table: Table) -> list[dict]:
                 continue
             seen.add(key)
             state = "done" if (table.cells_dir / f"{key}.json").is_file() else (
+                "running" if (table.cells_dir / f"{key}.lock").is_file()
+                and not lock_is_stale(table.cells_dir / f"{key}.lock") else
                 "partial" if (table.work / key / "checkpoint.safetensors").is_file() else "to do")
             if m in FULL_DATA:
                 rows.append({"cell": key, "IF": IF, "ipc": None, "method": m, "preset": "-", "state": state,
@@ -226,6 +243,20 @@ def plan(args, table: Table) -> list[dict]:
     return rows
 
 
+def fill_experts(cfg, data, experts_dir: Path, table: Table, poll_s: float = 15.0) -> None:
+    """Train this process's share of the experts, then wait until the store is complete: experts that another
+    process is training are waited for, and those of a process that died are taken over and trained here."""
+    need = {"representation": cfg.num_experts, "classifier": cfg.num_experts if cfg.classifier_experts else 0}
+    while True:
+        res = train_experts(cfg, data, experts_dir, device=table.device, progress=False, rank=table.rank,
+                            world=table.world)
+        missing = {k: n - res["available"].get(k, 0) for k, n in need.items() if res["available"].get(k, 0) < n}
+        if not missing or table.world > 1:  # under torchrun the barrier that follows does the waiting
+            return
+        _log(f"waiting for experts another process is training: {missing}")
+        time.sleep(poll_s)
+
+
 def lad_cifar10lt(args, table: Table) -> None:
     methods = args.methods.split(",")
     for IF in _ints(args.ifs):
@@ -234,8 +265,7 @@ def lad_cifar10lt(args, table: Table) -> None:
         experts_dir = table.work / f"experts-if{IF}"
         if any(m in TRAJECTORY for m in methods):
             _log(f"IF {IF}: experts")
-            train_experts(base.experts, data, experts_dir, device=table.device, progress=False, rank=table.rank,
-                          world=table.world)
+            fill_experts(base.experts, data, experts_dir, table)
             barrier()
         for ipc in _ints(args.ipcs):
             for m in methods:
@@ -459,6 +489,7 @@ def _main(args) -> int:
         for r in rows:
             print(f"{r['cell']:28s} {r['state']:8s} preset {r['preset']:24s} {r['what']}")
         print(f"{len(rows)} cells: {sum(r['state'] == 'done' for r in rows)} done, "
+              f"{sum(r['state'] == 'running' for r in rows)} running, "
               f"{sum(r['state'] == 'partial' for r in rows)} partial, {sum(r['state'] == 'to do' for r in rows)} to do")
         return 0
     stem = out_dir / f"lad-cifar10lt-{args.profile}"

@@ -38,7 +38,7 @@ def test_gpu_plan_uses_released_lad_configs_and_ipc_50(tmp_path):
     assert "lad-cifar10-if100-ipc50" in cells["if100-ipc50-lad"]
     assert "ipc 50" in cells["if100-ipc50-datm"] and "experts 100 x 100 epochs" in cells["if100-ipc50-datm"]
     assert "200 epochs" in cells["if100-erm"]
-    assert out.strip().endswith("14 cells: 0 done, 0 partial, 14 to do")
+    assert out.strip().endswith("14 cells: 0 done, 0 running, 0 partial, 14 to do")
 
 
 def test_cpu_plan_marks_done_and_partial_cells(tmp_path):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import ExpertConfig, atomic_write_bytes, atomic_write_text, to_dict
 from .errors import LtddError
+from .locks import lock_is_stale, try_lock, unlock
 from .models import create_model
 from .models.functional import ParamLayout, load_flat
 from .train import train_model
@@ -97,24 +96,20 @@ class TrajectoryStore:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".store.lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:  # another process is creating the store: wait for its store.json
+        if not try_lock(lock):  # another process is creating the store: wait for its store.json
             deadline = time.time() + 300
             while not self.meta_path.is_file():
-                if _lock_is_stale(lock) or time.time() > deadline:
-                    lock.unlink(missing_ok=True)
+                if lock_is_stale(lock) or time.time() > deadline:
+                    unlock(lock)
                     return self.initialise(cfg, data, layout)
                 time.sleep(0.1)
             self.check(cfg.model, data, layout)
             return
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
         try:
             if not self.meta_path.is_file():
                 atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
         finally:
-            lock.unlink(missing_ok=True)
+            unlock(lock)
         self.check(cfg.model, data, layout)
 
     def check(self, model_cfg, data, layout: ParamLayout | None = None) -> dict:
@@ -165,39 +160,10 @@ class TrajectoryStore:
         """
         if self.path(kind, index).exists():
             return False
-        lock = self.path(kind, index).with_suffix(".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_stale(lock):
-                lock.unlink(missing_ok=True)
-                return self.claim(kind, index)
-            return False
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
-        return True
+        return try_lock(self.path(kind, index).with_suffix(".lock"))
 
     def release(self, kind: str, index: int) -> None:
-        self.path(kind, index).with_suffix(".lock").unlink(missing_ok=True)
-
-
-def _lock_is_stale(lock: Path) -> bool:
-    try:
-        owner = lock.read_text().strip()
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return True
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    return age > 24 * 3600  # another host: only a very old lock is presumed dead
+        unlock(self.path(kind, index).with_suffix(".lock"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
