@@ -6,7 +6,8 @@
     python benchmarks/reproduce.py ... --plan           # list every cell, its preset, scale and state; compute nothing
     python benchmarks/reproduce.py ... --report-only    # rewrite the report from the finished cells
 
-The LAD table's cells are (IF, IPC, method): ``--ifs``, ``--ipcs`` and ``--methods`` choose them. MTT, DATM and LAD
+The LAD table's cells are (IF, IPC, method): ``--ifs``, ``--ipcs`` and ``--methods`` choose them. A method
+``<name>-init`` (e.g. ``lad-init``) evaluates that method's initial synthetic set with no distillation iteration. MTT, DATM and LAD
 share one expert store per IF. Full-data rows (erm, crt) are trained on the whole long-tailed set, one cell per IF.
 Under ``torchrun --nproc_per_node=K benchmarks/reproduce.py ...`` the experts and the cells are spread over the
 ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell is computed once and stored under
@@ -74,6 +75,10 @@ PAPER_LAD_C10 = {IF: {ipc: {**{m: v[IF][i] for m, v in _P.items()}, "erm": _FULL
                       for i, ipc in enumerate((10, 20, 50))} for IF in _FULL}
 FULL_DATA = ("erm", "crt", "balanced_softmax")  # trained on the real long-tailed set: one cell per IF, no IPC
 TRAJECTORY = ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed")  # need the expert store
+# "<method>-init": the method's initial synthetic set (images + soft labels), evaluated without any distillation
+# iteration - what the iterations add over the initialisation
+INIT_SUFFIX = "-init"
+TRAJECTORY = TRAJECTORY + tuple(m + INIT_SUFFIX for m in TRAJECTORY)
 
 # the CPU profile: what changes against the paper scale (stated in the report)
 CPU_SCALE = {
@@ -196,12 +201,15 @@ def method_config(args, method: str, IF: int, ipc: int) -> tuple[str, RunConfig]
     configuration for (IF, IPC) where lad.md §4.7 has one; everything else is the method's preset at the
     profile, with the IF and IPC set."""
     profile = "cpu" if args.profile == "cpu" else None
+    extra = []
+    if method.endswith(INIT_SUFFIX):  # the method's initialisation alone: images and soft labels, no iteration
+        method, extra = method[: -len(INIT_SUFFIX)], ["distill.iterations=0"]
     over = [f"data.imbalance_factor={IF}", f"data.root={args.root}", f"distill.ipc={ipc}"]
     if method == "lad" and profile is None:
         released = f"lad-cifar10-if{IF}-ipc{ipc}"
         if released in list_presets():
-            return released, load_preset(released, None, [f"data.root={args.root}"])
-    return method, load_preset(method, profile, over)
+            return released, load_preset(released, None, [f"data.root={args.root}"] + extra)
+    return method, load_preset(method, profile, over + extra)
 
 
 def expert_config(args, IF: int) -> RunConfig:
