@@ -126,7 +126,7 @@ class _Evil:
 
 
 def test_list_sources_and_unknown_name():
-    assert list_sources() == ["cifar10", "cifar100", "digits", "imagefolder"]
+    assert list_sources() == ["cifar10", "cifar100", "digits", "imagefolder", "tiny_imagenet"]
     with pytest.raises(LtddError) as e:
         load_source("mnist")
     msg = str(e.value)

@@ -22,7 +22,7 @@ def _echo_json(obj) -> None:
 def data_options(f):
     """Options that select the data and its long-tailed split (shared by every command that loads data)."""
     opts = [
-        click.option("--dataset", default=None, help="cifar10 | cifar100 | imagefolder | digits (default: digits)"),
+        click.option("--dataset", default=None, help="cifar10 | cifar100 | imagefolder | tiny_imagenet | digits (default: digits)"),
         click.option("--root", default=None, help="dataset folder or archive (.tar/.tar.gz/.zip)"),
         click.option("--imbalance-factor", "imbalance_factor", type=float, default=None, help="n_max / n_min (>= 1)"),
         click.option("--imbalance-ratio", "imbalance_ratio", type=float, default=None, help="alias: 1 / IF"),

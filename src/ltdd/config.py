@@ -25,7 +25,7 @@ from .errors import LtddError
 class DataConfig:
     """Which data, which long-tailed split, which preprocessing."""
 
-    dataset: str = "digits"  # cifar10 | cifar100 | imagefolder | digits
+    dataset: str = "digits"  # cifar10 | cifar100 | imagefolder | tiny_imagenet | digits
     root: str | None = None  # folder or archive; None for digits
     imbalance_factor: float = 10.0  # n_max / n_min, >= 1
     imbalance_ratio: float | None = None  # alias: 1 / imbalance_factor (LDAM/LTDD convention)
