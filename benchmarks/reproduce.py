@@ -251,15 +251,24 @@ def plan(args, table: Table) -> list[dict]:
     return rows
 
 
-def fill_experts(cfg, data, experts_dir: Path, table: Table, poll_s: float = 15.0) -> None:
+def fill_experts(cfg, data, experts_dir: Path, table: Table, key: str, poll_s: float = 15.0) -> None:
     """Train this process's share of the experts, then wait until the store is complete: experts that another
-    process is training are waited for, and those of a process that died are taken over and trained here."""
+    process is training are waited for, and those of a process that died are taken over and trained here.
+    The wall time until the store is complete is recorded as ``cells/<key>.json`` by the process that trained in
+    it and saw it complete first (a store that was complete before is not re-timed)."""
     need = {"representation": cfg.num_experts, "classifier": cfg.num_experts if cfg.classifier_experts else 0}
+    t0, trained = time.time(), 0
     while True:
         res = train_experts(cfg, data, experts_dir, device=table.device, progress=False, rank=table.rank,
                             world=table.world)
+        trained += sum(res["trained"].values())
         missing = {k: n - res["available"].get(k, 0) for k, n in need.items() if res["available"].get(k, 0) < n}
-        if not missing or table.world > 1:  # under torchrun the barrier that follows does the waiting
+        if not missing:
+            path = table.cells_dir / f"{key}.json"
+            if trained and not path.is_file():
+                save_json(path, {"seconds": time.time() - t0, "experts": need, "threads": torch.get_num_threads()})
+            return
+        if table.world > 1:  # under torchrun the barrier that follows does the waiting
             return
         _log(f"waiting for experts another process is training: {missing}")
         time.sleep(poll_s)
@@ -273,7 +282,7 @@ def lad_cifar10lt(args, table: Table) -> None:
         experts_dir = table.work / f"experts-if{IF}"
         if any(m in TRAJECTORY for m in methods):
             _log(f"IF {IF}: experts")
-            fill_experts(base.experts, data, experts_dir, table)
+            fill_experts(base.experts, data, experts_dir, table, f"experts-if{IF}")
             barrier()
         for ipc in _ints(args.ipcs):
             for m in methods:
@@ -329,7 +338,8 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
             r = results.get(col_name(IF, ipc), {}).get(m)
             cells.append(f"{_fmt(r['summary']['accuracy']) if r else '–'} | {_paper(IF, ipc, m)}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "erm and crt are trained on the whole long-tailed set (no IPC): the same cell under every IPC."]
+    lines += ["", "erm and crt are trained on the whole long-tailed set (no IPC): the same cell under every IPC.", ""]
+    lines += _cost_lines(args, results)
     for IF, ipc in cols:
         row = results.get(col_name(IF, ipc), {})
         lines += ["", f"## IF {IF}, IPC {ipc}: per-class and group accuracy (%), class std, cost", "",
@@ -354,6 +364,26 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
     lines += ["", f"![accuracy vs IF](lad-cifar10lt-{args.profile}-vs-if.png)", ""]
     lines += ["## Reading", "", _reading(results, cols), ""]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
+
+
+def _cost_lines(args, results: dict) -> list[str]:
+    """Compute spent: the cells' seconds and the expert stores' wall time, per IF and in total."""
+    work = Path(args.work or f"runs/reproduce/{args.table}-{args.profile}")
+    out, total = [], 0.0
+    for IF in _ints(args.ifs):
+        seen, cells = set(), 0.0
+        for ipc in _ints(args.ipcs):
+            for m, r in results.get(col_name(IF, ipc), {}).items():
+                if cell_key(IF, ipc, m) not in seen:
+                    seen.add(cell_key(IF, ipc, m))
+                    cells += r.get("seconds", 0.0)
+        exp = work / "cells" / f"experts-if{IF}.json"
+        e = json.loads(exp.read_text())["seconds"] if exp.is_file() else None
+        total += cells + (e or 0.0)
+        out.append(f"- IF {IF}: {len(seen)} cells {cells / 60:.0f} min; expert store "
+                   + (f"{e / 60:.0f} min" if e is not None else "not timed") + ".")
+    out.append(f"- Total compute (sum over processes, 1 thread each unless stated): {total / 3600:.2f} h.")
+    return ["Cost:", ""] + out
 
 
 def _perclass_png(args, IF: int, ipc: int) -> str:
