@@ -7,7 +7,8 @@
     python benchmarks/reproduce.py ... --report-only    # rewrite the report from the finished cells
 
 The LAD table's cells are (IF, IPC, method): ``--ifs``, ``--ipcs`` and ``--methods`` choose them. A method
-``<name>-init`` (e.g. ``lad-init``) evaluates that method's initial synthetic set with no distillation iteration. MTT, DATM and LAD
+``<name>-init`` (e.g. ``lad-init``) evaluates that method's initial synthetic set with no distillation iteration,
+and ``<name>@<N>`` (e.g. ``lad@300``) runs it for N iterations instead of its preset's number. MTT, DATM and LAD
 share one expert store per IF. Full-data rows (erm, crt) are trained on the whole long-tailed set, one cell per IF.
 Under ``torchrun --nproc_per_node=K benchmarks/reproduce.py ...`` the experts and the cells are spread over the
 ranks (each rank takes every K-th cell), and rank 0 writes the report. Every cell is computed once and stored under
@@ -77,8 +78,8 @@ FULL_DATA = ("erm", "crt", "balanced_softmax")  # trained on the real long-taile
 TRAJECTORY = ("mtt", "datm", "lad", "lad-no-dam", "lad-no-ed")  # need the expert store
 # "<method>-init": the method's initial synthetic set (images + soft labels), evaluated without any distillation
 # iteration - what the iterations add over the initialisation
+# "<method>@<N>": the method run for N iterations instead of its preset's number
 INIT_SUFFIX = "-init"
-TRAJECTORY = TRAJECTORY + tuple(m + INIT_SUFFIX for m in TRAJECTORY)
 
 # the CPU profile: what changes against the paper scale (stated in the report)
 CPU_SCALE = {
@@ -201,15 +202,29 @@ def method_config(args, method: str, IF: int, ipc: int) -> tuple[str, RunConfig]
     configuration for (IF, IPC) where lad.md §4.7 has one; everything else is the method's preset at the
     profile, with the IF and IPC set."""
     profile = "cpu" if args.profile == "cpu" else None
-    extra = []
-    if method.endswith(INIT_SUFFIX):  # the method's initialisation alone: images and soft labels, no iteration
-        method, extra = method[: -len(INIT_SUFFIX)], ["distill.iterations=0"]
+    method, extra = base_method(method)
     over = [f"data.imbalance_factor={IF}", f"data.root={args.root}", f"distill.ipc={ipc}"]
     if method == "lad" and profile is None:
         released = f"lad-cifar10-if{IF}-ipc{ipc}"
         if released in list_presets():
             return released, load_preset(released, None, [f"data.root={args.root}"] + extra)
     return method, load_preset(method, profile, over + extra)
+
+
+def base_method(method: str) -> tuple[str, list[str]]:
+    """``lad`` -> (lad, []); ``lad-init`` -> (lad, [iterations=0]); ``lad@300`` -> (lad, [iterations=300])."""
+    if method.endswith(INIT_SUFFIX):  # the method's initialisation alone: images and soft labels, no iteration
+        return method[: -len(INIT_SUFFIX)], ["distill.iterations=0"]
+    if "@" in method:
+        name, _, its = method.partition("@")
+        if not its.isdigit():
+            raise SystemExit(f"method '{method}': the part after @ must be a number of iterations")
+        return name, [f"distill.iterations={int(its)}"]
+    return method, []
+
+
+def needs_experts(method: str) -> bool:
+    return base_method(method)[0] in TRAJECTORY
 
 
 def expert_config(args, IF: int) -> RunConfig:
@@ -240,10 +255,10 @@ def plan(args, table: Table) -> list[dict]:
             preset, cfg = method_config(args, m, IF, ipc)
             d = cfg.distill
             what = f"ipc {d.ipc}, {d.iterations} iterations"
-            if m in TRAJECTORY:
+            if needs_experts(m):
                 what += ", phases " + ", ".join(f"{ph.name}(N={ph.syn_steps}, M={ph.expert_epochs}, "
                                                 f"start<{ph.max_start_epoch}, {ph.match})" for ph in d.phases)
-            if m in TRAJECTORY:
+            if needs_experts(m):
                 e = expert_config(args, IF).experts
                 what += f"; experts {e.num_experts} x {e.epochs} epochs"
             rows.append({"cell": key, "IF": IF, "ipc": ipc, "method": m, "preset": preset, "state": state,
@@ -280,7 +295,7 @@ def lad_cifar10lt(args, table: Table) -> None:
         base = expert_config(args, IF)
         data = prepare_data(base.data)
         experts_dir = table.work / f"experts-if{IF}"
-        if any(m in TRAJECTORY for m in methods):
+        if any(needs_experts(m) for m in methods):
             _log(f"IF {IF}: experts")
             fill_experts(base.experts, data, experts_dir, table, f"experts-if{IF}")
             barrier()
@@ -294,7 +309,7 @@ def lad_cifar10lt(args, table: Table) -> None:
                                                      crt_epochs=10))
                     continue
                 _, cfg = method_config(args, m, IF, ipc)
-                needs = m in TRAJECTORY
+                needs = needs_experts(m)
                 table.cell(key, lambda: _distill_cell(table, cfg, data, key, experts_dir if needs else None,
                                                       args.runs))
 
@@ -417,7 +432,20 @@ def _reading(results: dict, cols) -> str:
             order = "holds" if acc["lad"] > max(acc["datm"], acc["mtt"]) else "does NOT hold"
             notes.append(f"{where}: LAD {100 * acc['lad']:.1f} vs DATM {100 * acc['datm']:.1f} vs MTT "
                          f"{100 * acc['mtt']:.1f} - the paper's ordering (LAD above DATM and MTT) {order} here.")
-        better = [m for m in acc if m not in FULL_DATA and m != "lad" and "lad" in acc and acc[m] > acc["lad"]]
+        if {"lad", "lad-no-dam", "lad-no-ed", "datm"} <= acc.keys():
+            both = acc["lad"] > max(acc["lad-no-dam"], acc["lad-no-ed"])
+            notes.append(f"{where}: ablation - DATM {100 * acc['datm']:.1f}, + DAM only (lad-no-ed) "
+                         f"{100 * acc['lad-no-ed']:.1f}, + ED only (lad-no-dam) {100 * acc['lad-no-dam']:.1f}, both (lad) "
+                         f"{100 * acc['lad']:.1f}; the paper's ablation (IF 100, IPC 50, lad.md §6.6, unverified): "
+                         f"44.3 / 57.1 / 54.8 / 64.0 - 'both components are needed' "
+                         f"{'holds' if both else 'does NOT hold'} here.")
+        for m in acc:
+            if m.endswith(INIT_SUFFIX) and m[: -len(INIT_SUFFIX)] in acc:
+                b = m[: -len(INIT_SUFFIX)]
+                notes.append(f"{where}: {b} {100 * acc[b]:.1f} vs its initial set alone ({m}) {100 * acc[m]:.1f}: "
+                             f"the distillation iterations add {100 * (acc[b] - acc[m]):+.1f} points.")
+        better = [m for m in acc if m not in FULL_DATA and not m.startswith("lad") and "lad" in acc
+                  and acc[m] > acc["lad"]]
         if better:
             notes.append(f"{where}: distilled/coreset sets above LAD here: "
                          + ", ".join(f"{m} {100 * acc[m]:.1f}" for m in better) + ".")

@@ -58,13 +58,17 @@ def test_report_only_writes_columns_paper_numbers_and_reading(tmp_path):
     (work / "cells").mkdir(parents=True)
     per = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
     cells = {"if100-lad": _cell(0.45, per), "if100-datm": _cell(0.30, per), "if100-mtt": _cell(0.35, per),
-             "if100-dm": _cell(0.50, per), "if100-erm": _cell(0.55, per), "if100-ipc50-lad": _cell(0.60, per)}
+             "if100-dm": _cell(0.50, per), "if100-erm": _cell(0.55, per), "if100-ipc50-lad": _cell(0.60, per),
+             "if100-lad-init": _cell(0.40, per), "if100-lad-no-dam": _cell(0.41, per), "if100-lad-no-ed": _cell(0.47, per)}
     for k, v in cells.items():
         (work / "cells" / f"{k}.json").write_text(json.dumps(v))
-    _run("--ifs", "100", "--ipcs", "10,50", "--methods", "lad,datm,mtt,dm,erm", "--report-only", "--work", str(work),
+    _run("--ifs", "100", "--ipcs", "10,50", "--methods", "lad,datm,mtt,dm,erm,lad-init,lad-no-dam,lad-no-ed", "--report-only", "--work", str(work),
          "--results", str(res), cwd=ROOT)
     md = (res / "lad-cifar10lt-cpu.md").read_text()
-    assert "--ifs 100 --ipcs 10,50 --methods lad,datm,mtt,dm,erm" in md  # the command that makes it
+    assert "--ifs 100 --ipcs 10,50 --methods lad,datm,mtt,dm,erm,lad-init,lad-no-dam,lad-no-ed" in md
+    assert "the distillation iterations add +5.0 points" in md  # lad 45 vs lad-init 40
+    assert "+ DAM only (lad-no-ed) 47.0, + ED only (lad-no-dam) 41.0, both (lad) 45.0" in md
+    assert "'both components are needed' does NOT hold here" in md
     assert "| lad | 45.0±1.0 | 53.4±0.1 | 60.0±1.0 | 64.0±0.9 |" in md  # ours | paper for IPC 10 and 50
     assert "| erm | 55.0±1.0 | 66.2±0.4 | 55.0±1.0 | 66.2±0.4 |" in md  # one full-data cell under both IPCs
     assert "(LAD above DATM and MTT) holds here" in md
