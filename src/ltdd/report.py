@@ -1,8 +1,10 @@
 """Plots and Markdown/HTML reports for a run folder.
 
 ``write_report(run_dir)`` collects every ``eval.json`` (distilled sets) and ``full_data.json`` / ``metrics.json``
-(full-data training) below ``run_dir`` and writes ``report.md`` and ``report.html`` (plots embedded) plus
-``per_class.png``.
+(full-data training) below ``run_dir`` and writes ``report.md`` and ``report.html`` (plots embedded) with: a table
+of overall, class-std, worst-class, head/medium/tail and many/medium/few accuracy; ``per_class.png``; the
+distillation curves of every ``log.jsonl`` (matching loss per phase and learned step size against the iteration,
+``curves.png``); and the synthetic image grids. Class names come from ``data.json`` or a distilled set's metadata.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def collect(run_dir: Path) -> list[dict]:
         summary = obj.get("summary")
         if not summary or "accuracy" not in summary:
             continue
-        name = obj.get("method") or path.parent.relative_to(run_dir).as_posix() or path.stem
+        rel = path.parent.relative_to(run_dir).as_posix()
+        name = obj.get("method") or (rel if rel != "." else run_dir.name)
         if path.name == "full_data.json":
             name = f"full data ({obj.get('method', 'erm')})"
         rows.append({"name": name, "path": str(path.relative_to(run_dir)), "summary": summary,
@@ -70,6 +73,74 @@ def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) 
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _class_names_from_sets(run_dir: Path) -> list[str] | None:
+    """Class names from the metadata of the first distilled set below ``run_dir`` that records them."""
+    from .synset import SyntheticSet
+
+    for path in sorted(run_dir.rglob("distilled.safetensors")):
+        try:
+            names = SyntheticSet.load(path).meta.get("class_names")
+        except LtddError:
+            continue
+        if names:
+            return [str(n) for n in names]
+    return None
+
+
+def _read_logs(run_dir: Path) -> dict[str, list[dict]]:
+    """{run name: the iteration records of its log.jsonl} for every distillation log below ``run_dir``."""
+    logs = {}
+    for path in sorted(run_dir.rglob("log.jsonl")):
+        recs = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: skip it
+            if isinstance(rec, dict) and "iteration" in rec and "loss" in rec:
+                recs.append(rec)
+        if recs:
+            rel = path.parent.relative_to(run_dir).as_posix()
+            logs[rel if rel != "." else run_dir.name] = recs
+    return logs
+
+
+def curves_plot(logs: dict[str, list[dict]], path: Path) -> None:
+    """Two panels: the matching loss (solid: total; dashed: each phase) and the learned step size, per iteration."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, (name, recs) in enumerate(logs.items()):
+        color = f"C{i % 10}"
+        its = [r["iteration"] for r in recs]
+        ax_l.plot(its, [r["loss"] for r in recs], color=color, label=name)
+        phases = sorted({k for r in recs for k in r if k.startswith("loss/")})
+        if len(phases) > 1:
+            for j, k in enumerate(phases):
+                pts = [(r["iteration"], r[k]) for r in recs if k in r]
+                ax_l.plot(*zip(*pts), color=color, linestyle=("--", ":", "-.")[j % 3], linewidth=0.8,
+                          label=f"{name}: {k[5:]}")
+        lr = [(r["iteration"], r["lr"]) for r in recs if isinstance(r.get("lr"), (int, float))]
+        if lr:
+            ax_a.plot(*zip(*lr), color=color, label=name)
+    ax_l.set_xlabel("iteration")
+    ax_l.set_ylabel("matching loss")
+    ax_l.legend(fontsize=7)
+    ax_a.set_xlabel("iteration")
+    ax_a.set_ylabel("learned step size")
+    ax_a.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -82,17 +153,30 @@ def write_report(run_dir: str | Path) -> Path:
     if data_json.is_file():
         class_names = json.loads(data_json.read_text()).get("class_names")
     per_class_plot(rows, class_names, run_dir / "per_class.png")
+    if class_names is None:
+        class_names = _class_names_from_sets(run_dir)
     lines = [f"# ltdd report: {run_dir.name}", "",
-             "| method | accuracy % | class std % | worst class % | head | medium | tail | runs | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | accuracy % | class std % | worst class % | head | medium | tail | many | med-shot | few | runs "
+             "| seconds |",
+             "| --- " * 12 + "|"]
     for r in rows:
         s = r["summary"]
         g = s.get("groups", {})
         sec = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), (int, float)) else "–"
         lines.append(f"| {r['name']} | {_pct(s['accuracy'])} | {_pct(s['class_std'])} | {_pct(s['worst_accuracy'])} "
-                     f"| {_pct(g.get('head'))} | {_pct(g.get('medium'))} | {_pct(g.get('tail'))} | {s['runs']} | {sec} |")
-    lines += ["", "Per-class accuracy (mean over runs):", "", "![per-class accuracy](per_class.png)", ""]
+                     f"| {_pct(g.get('head'))} | {_pct(g.get('medium'))} | {_pct(g.get('tail'))} "
+                     f"| {_pct(g.get('many'))} | {_pct(g.get('medium_shot'))} | {_pct(g.get('few'))} | {s['runs']} "
+                     f"| {sec} |")
+    lines += ["", "## Per-class accuracy", "", "Mean over runs, classes from head to tail:", "",
+              "![per-class accuracy](per_class.png)", ""]
+    logs = _read_logs(run_dir)
+    if logs:
+        curves_plot(logs, run_dir / "curves.png")
+        lines += ["## Distillation curves", "", "Matching loss (total and per phase) and the learned step size per "
+                  "iteration, from each run's log.jsonl:", "", "![distillation curves](curves.png)", ""]
     grids = sorted(run_dir.rglob("grid.png"))
+    if grids:
+        lines += ["## Synthetic images", ""]
     for g in grids:
         lines += [f"Synthetic images ({g.parent.relative_to(run_dir).as_posix()}):", "",
                   f"![grid]({g.relative_to(run_dir).as_posix()})", ""]
@@ -128,6 +212,8 @@ def _to_html(md: str, base: Path) -> str:
             out.append(f"<p><img alt='{H.escape(m.group(1))}' src='data:image/png;base64,{data}'></p>")
         elif line.startswith("# "):
             out.append(f"<h1>{H.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{H.escape(line[3:])}</h2>")
         elif line.strip():
             out.append(f"<p>{H.escape(line)}</p>")
     if table:

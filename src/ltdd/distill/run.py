@@ -146,7 +146,8 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
     syn = distiller.synthetic_set()
     syn.meta = {"method": distiller.method_name, "data": to_dict(run_cfg.data), "ipc": cfg.ipc,
                 "dataset": data.name, "split_sha": _split_sha(data), "preprocessor": _prep_meta(data),
-                "iterations": iterations}
+                "iterations": iterations, "class_names": list(data.class_names),
+                "train_counts": [int(c) for c in data.train_counts]}
     if main:
         syn.save(out / "distilled.safetensors")
         save_grid(out / "grid.png", data.preprocessor.to_pixels(syn.images), syn.labels, data.num_classes)

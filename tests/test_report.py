@@ -1,0 +1,59 @@
+"""ltdd.report: the run-folder report (tables, per-class plot, distillation curves, grids, HTML)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ltdd.errors import LtddError
+from ltdd.report import _class_names_from_sets, _read_logs, write_report
+from ltdd.synset import SyntheticSet
+
+
+def _summary(acc: float) -> dict:
+    ms = lambda v: {"mean": v, "std": 0.01}  # noqa: E731
+    return {"runs": 3, "accuracy": ms(acc), "class_std": ms(0.1), "worst_accuracy": ms(0.2),
+            "per_class": [acc + 0.1, acc - 0.1],
+            "groups": {"head": ms(0.6), "medium": {"mean": None, "std": None}, "tail": ms(0.4),
+                       "many": ms(0.7), "medium_shot": ms(0.5), "few": ms(0.3)}}
+
+
+def _log_lines(n: int) -> list[str]:
+    return [json.dumps({"iteration": i, "loss/representation": 1.0 - 0.01 * i, "loss/classifier": 0.8 - 0.02 * i,
+                        "loss": 1.3 - 0.02 * i, "lr": 0.01 + 1e-4 * i, "seconds": 1.0}) for i in range(n)]
+
+
+def test_report_has_groups_curves_and_grids(tmp_path):
+    run = tmp_path / "lad"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"summary": _summary(0.5), "seconds": 7}))
+    # a log cut by a kill in its last line, plus a record without a loss (skipped)
+    (run / "log.jsonl").write_text("\n".join(_log_lines(5) + ['{"iteration": 5, "eval/acc": 0.3}', '{"itera']))
+    SyntheticSet(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]),
+                 meta={"class_names": ["head-cls", "tail-cls"]}).save(run / "distilled.safetensors")
+    from ltdd.synset import save_grid
+
+    save_grid(run / "grid.png", torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 2)
+    md = write_report(tmp_path).read_text()
+    assert "| lad | 50.0 ± 1.0 | 10.0 ± 1.0 | 20.0 ± 1.0 | 60.0 ± 1.0 | – | 40.0 ± 1.0 | 70.0 ± 1.0 | 50.0 ± 1.0 | " \
+           "30.0 ± 1.0 | 3 | 7 |" in md
+    assert "## Distillation curves" in md and (tmp_path / "curves.png").stat().st_size > 1000
+    assert "![grid](lad/grid.png)" in md
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # per-class, curves, grid
+    assert "<h2>Distillation curves</h2>" in html
+    assert _class_names_from_sets(tmp_path) == ["head-cls", "tail-cls"]
+    logs = _read_logs(tmp_path)
+    assert list(logs) == ["lad"] and [r["iteration"] for r in logs["lad"]] == [0, 1, 2, 3, 4]
+
+
+def test_report_without_logs_has_no_curves_and_empty_folder_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "eval.json").write_text(json.dumps({"summary": _summary(0.4)}))
+    md = write_report(tmp_path).read_text()
+    assert "curves" not in md and not (tmp_path / "curves.png").exists()
+    with pytest.raises(LtddError, match="no eval.json"):
+        (tmp_path / "empty").mkdir()
+        write_report(tmp_path / "empty")
