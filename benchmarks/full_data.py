@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_model  # noqa: E402  (benchmarks/common.py)
+
 import torch
 
 from ltdd.config import DataConfig, ModelConfig, TrainConfig, atomic_write_text, to_dict
@@ -60,19 +62,9 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "load_average_1_5_15": [round(x, 2) for x in load] if load else None}
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_model, write_section  # noqa: E402  (benchmarks/common.py)
+
 MODES = ("exact", "constant_memory")
 
 
@@ -111,16 +113,6 @@ def _mem_available_mib() -> float | None:
     except OSError:
         return None
     return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
@@ -203,7 +195,7 @@ def main(argv=None) -> None:
     table = "\n".join(lines)
     notes = [f"- {mode}, N = {n}: {r['skipped']}" for (mode, n), r in results.items() if "skipped" in r]
     secs = [f"{mode} N={n}: {r['seconds']:.0f} s" for (mode, n), r in results.items() if "seconds" in r]
-    dev = any_res.get("device_name") or _cpu_name()
+    dev = any_res.get("device_name") or cpu_model()
     setup = (f"ConvNet-{args.depth}, width {args.width}, instance norm, 32x32x3, {args.classes} classes, "
              f"{args.batch} synthetic images (IPC {args.batch // args.classes}), every image in every student step, "
              f"no DSA, soft labels; engine options: double_backward_kernels={not args.stock_kernels}, "
@@ -222,13 +214,7 @@ def main(argv=None) -> None:
                    f"above the memory in use before it (each configuration in a fresh process):\n\n{table}\n"
                    + ("\n" + "\n".join(notes) + "\n" if notes else "")
                    + f"\nIteration times (one iteration, not a timing benchmark): {', '.join(secs)}\n")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if args.append and out.exists():
-            out.write_text(out.read_text().rstrip("\n") + "\n\n" + section)
-        else:
-            out.write_text("# Peak memory of one trajectory-matching iteration\n\n" + section)
-        print(f"\nwrote {out}")
+        write_section(args.out, "Peak memory of one trajectory-matching iteration", section, args.append)
 
 
 if __name__ == "__main__":

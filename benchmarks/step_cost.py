@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
 from ltdd.config import DistillConfig, ExpertConfig, ModelConfig, PhaseConfig
 from ltdd.distill.engine import TrajectoryMatching
 from ltdd.experts import Trajectory, TrajectoryStore
@@ -152,22 +152,6 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def machine_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    dev = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return (f"{dev}; nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
-
-
 def _load() -> str:
     try:
         return "/".join(f"{v:.1f}" for v in os.getloadavg())
@@ -280,13 +264,7 @@ def main(argv=None) -> dict:
         section = (f"## `{cmd.strip()}`\n\nDate: {datetime.datetime.now().isoformat(timespec='minutes')}  \n"
                    f"Machine: {machine_line(device)}  \nSetup: {setup}\n\n{table}\n\nRaw wall times per round "
                    f"(per student step):\n\n{raw}\n")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if args.append and out.exists():
-            out.write_text(out.read_text().rstrip("\n") + "\n\n" + section)
-        else:
-            out.write_text("# Student-step cost of the trajectory-matching engine\n\n" + section)
-        print(f"\nwrote {out}")
+        write_section(args.out, "Student-step cost of the trajectory-matching engine", section, args.append)
     return {"times": times, "cpu": cpu, "ratios": ratios}
 
 

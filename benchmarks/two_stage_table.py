@@ -31,11 +31,11 @@ import dataclasses
 import io
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from common import machine_line  # noqa: E402  (benchmarks/common.py)
 
 import numpy as np
 import torch
@@ -502,19 +502,6 @@ def _net_seconds(root: Path) -> dict:
 # report
 
 
-def _machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu or 'unknown CPU'}, {os.cpu_count()} cores (shared), torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}")
-
-
 def _scale_text(settings: dict, profile: str, normalize: bool) -> dict:
     pix = ("per-channel mean/std standardisation of the LT train set, no ZCA (paper: raw [0, 1] pixels, no ZCA; "
            "a per-channel affine map, and the distillers' step sizes are set for standardised pixels)"
@@ -563,7 +550,7 @@ def _payload(args, settings, data, dcfg, model_cfg, train_cfg, results, final: b
         "profile": args.profile,
         "command": cmd,
         "alt_command": f"python benchmarks/reproduce.py --profile {args.profile} --table two-stage",
-        "machine": _machine(),
+        "machine": machine_line(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "runs": int(args.runs),
         "scale": _scale_text(settings, args.profile, dcfg.normalize),
