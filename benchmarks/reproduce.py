@@ -378,6 +378,10 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
         lines += ["", f"![per-class accuracy IF {IF} IPC {ipc}]({_perclass_png(args, IF, ipc)})"]
     lines += ["", f"![accuracy vs IF](lad-cifar10lt-{args.profile}-vs-if.png)", ""]
     lines += ["## Reading", "", _reading(results, cols), ""]
+    notes = out_md.with_name(out_md.stem + "-notes.md")
+    if notes.is_file():  # a hand-written analysis of this table, kept beside it
+        lines += [f"Analysis of these figures (why orderings do or do not hold at this scale): [{notes.name}]({notes.name})",
+                  ""]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
 
 
