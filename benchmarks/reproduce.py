@@ -433,10 +433,12 @@ def _reading(results: dict, cols) -> str:
         acc = {m: r["summary"]["accuracy"]["mean"] for m, r in row.items() if r}
         std = {m: r["summary"]["class_std"]["mean"] for m, r in row.items() if r}
         where = f"IF {IF}, IPC {ipc}"
-        if {"lad", "datm", "mtt"} <= acc.keys():
-            order = "holds" if acc["lad"] > max(acc["datm"], acc["mtt"]) else "does NOT hold"
-            notes.append(f"{where}: LAD {100 * acc['lad']:.1f} vs DATM {100 * acc['datm']:.1f} vs MTT "
-                         f"{100 * acc['mtt']:.1f} - the paper's ordering (LAD above DATM and MTT) {order} here.")
+        for sfx in sorted({m[3:] for m in acc if m.startswith("lad")}, key=lambda x: (x != "", x)):  # lad, lad@300..
+            lad, datm, mtt = (f"{b}{sfx}" for b in ("lad", "datm", "mtt"))
+            if {lad, datm, mtt} <= acc.keys():
+                order = "holds" if acc[lad] > max(acc[datm], acc[mtt]) else "does NOT hold"
+                notes.append(f"{where}: {lad} {100 * acc[lad]:.1f} vs {datm} {100 * acc[datm]:.1f} vs {mtt} "
+                             f"{100 * acc[mtt]:.1f} - the paper's ordering (LAD above DATM and MTT) {order} here.")
         if {"lad", "lad-no-dam", "lad-no-ed", "datm"} <= acc.keys():
             both = acc["lad"] > max(acc["lad-no-dam"], acc["lad-no-ed"])
             notes.append(f"{where}: ablation - DATM {100 * acc['datm']:.1f}, + DAM only (lad-no-ed) "
