@@ -559,6 +559,9 @@ def _main(args) -> int:
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.table == "two-stage":
+        if args.plan or args.report_only:
+            raise SystemExit("--plan and --report-only are for --table lad-cifar10lt; the two-stage table resumes "
+                             "from its cells (benchmarks/two_stage_table.py)")
         from two_stage_table import two_stage_table  # noqa: E402  (benchmarks/two_stage_table.py)
 
         return two_stage_table(args, table, out_dir)
