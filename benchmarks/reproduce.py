@@ -488,31 +488,45 @@ def plots(args, results, out_dir: Path, class_names) -> None:
         row = {m: r for m, r in results.get(col_name(IF, ipc), {}).items() if r}
         if not row:
             continue
-        fig, ax = plt.subplots(figsize=(9, 3.5))
+        if len(row) > 10:  # a readable chart: the default methods only (every row is in the tables)
+            default = DEFAULT_METHODS.split(",")
+            row = {m: r for m, r in row.items() if m in default} or row
+        fig, ax = plt.subplots(figsize=(10, 3.5))
         w = 0.8 / len(row)
         for i, (m, r) in enumerate(row.items()):
             ax.bar(np.arange(len(class_names)) + (i - (len(row) - 1) / 2) * w, np.array(r["summary"]["per_class"]) * 100,
-                   w, label=m)
+                   w, label=m, color=plt.cm.tab10(i % 10))
         ax.set_xticks(range(len(class_names)))
         ax.set_xticklabels(class_names, fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"CIFAR-10-LT IF {IF}, IPC {ipc} ({args.profile} profile): per-class accuracy, head → tail")
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save(fig, _perclass_png(args, IF, ipc))
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     ifs, ipcs = _ints(args.ifs), _ints(args.ipcs)
+    bases = []  # one colour per base method; the variant sets the line style
     for m in args.methods.split(","):
+        b = base_method(m)[0] if not m.endswith(INIT_SUFFIX) else m[: -len(INIT_SUFFIX)]
+        if b not in bases:
+            bases.append(b)
+    for m in args.methods.split(","):
+        b = base_method(m)[0] if not m.endswith(INIT_SUFFIX) else m[: -len(INIT_SUFFIX)]
+        style = (":" if m.endswith(INIT_SUFFIX) else "-." if "@" in m else "--" if m in FULL_DATA
+                 else (0, (1, 3)) if b != m and m.startswith("lad-no") else "-")
         for ipc in ([None] if m in FULL_DATA else ipcs):
             xs = [IF for IF in ifs if results.get(col_name(IF, ipc or ipcs[0]), {}).get(m)]
             ys = [100 * results[col_name(IF, ipc or ipcs[0])][m]["summary"]["accuracy"]["mean"] for IF in xs]
             if xs:
                 label = m if ipc is None or len(ipcs) == 1 else f"{m} IPC {ipc}"
-                ax.plot(xs, ys, marker="o", linestyle="--" if ipc is None else "-", label=label)
+                ax.plot(xs, ys, marker="o", linestyle=style, color=plt.cm.tab20(bases.index(b) % 20), label=label)
     ax.set_xscale("log")
+    ax.set_xticks(ifs)
+    ax.set_xticklabels([str(i) for i in ifs])
     ax.set_xlabel("imbalance factor")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"CIFAR-10-LT ({args.profile} profile)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"CIFAR-10-LT ({args.profile} profile); dotted: initial set only, dash-dot: more iterations")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(args.methods.split(",")) < 14
+              else 2)
     save(fig, f"lad-cifar10lt-{args.profile}-vs-if.png")
 
 
