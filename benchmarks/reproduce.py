@@ -211,16 +211,39 @@ def method_config(args, method: str, IF: int, ipc: int) -> tuple[str, RunConfig]
     return method, load_preset(method, profile, over + extra)
 
 
+# named variants of a preset given on the command line: --variant NAME=PRESET:key=value,key=value
+VARIANTS: dict[str, tuple[str, list[str]]] = {}
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=PRESET:key=value,key=value`` -> (NAME, PRESET, overrides)."""
+    name, eq, rest = text.partition("=")
+    preset, colon, over = rest.partition(":")
+    if not eq or not colon or not name.strip() or not preset.strip() or "@" in name or name.endswith(INIT_SUFFIX):
+        raise SystemExit(f"--variant '{text}': expected NAME=PRESET:key=value[,key=value...] (NAME without @ or "
+                         f"a '{INIT_SUFFIX}' ending)")
+    pairs = [o.strip() for o in over.split(",") if o.strip()]
+    if not pairs or any("=" not in o for o in pairs):
+        raise SystemExit(f"--variant '{text}': the overrides must be key=value pairs")
+    return name.strip(), preset.strip(), pairs
+
+
 def base_method(method: str) -> tuple[str, list[str]]:
-    """``lad`` -> (lad, []); ``lad-init`` -> (lad, [iterations=0]); ``lad@300`` -> (lad, [iterations=300])."""
+    """(preset, overrides) of a method name: ``lad`` -> (lad, []); ``lad-init`` -> (lad, [iterations=0]);
+    ``lad@300`` -> (lad, [iterations=300]); a ``--variant`` name -> its preset and overrides (suffixes apply to
+    variants too)."""
+    extra: list[str] = []
     if method.endswith(INIT_SUFFIX):  # the method's initialisation alone: images and soft labels, no iteration
-        return method[: -len(INIT_SUFFIX)], ["distill.iterations=0"]
-    if "@" in method:
+        method, extra = method[: -len(INIT_SUFFIX)], ["distill.iterations=0"]
+    elif "@" in method:
         name, _, its = method.partition("@")
         if not its.isdigit():
             raise SystemExit(f"method '{method}': the part after @ must be a number of iterations")
-        return name, [f"distill.iterations={int(its)}"]
-    return method, []
+        method, extra = name, [f"distill.iterations={int(its)}"]
+    if method in VARIANTS:
+        preset, over = VARIANTS[method]
+        return preset, over + extra
+    return method, extra
 
 
 def needs_experts(method: str) -> bool:
@@ -424,6 +447,8 @@ def _command(args) -> str:
         cmd += f" --ipcs {args.ipcs}"
     if args.methods != DEFAULT_METHODS:
         cmd += f" --methods {args.methods}"
+    for v in args.variant:
+        cmd += f" --variant {v}"
     if args.runs != 3:
         cmd += f" --runs {args.runs}"
     if args.full_epochs != default_full_epochs(args.profile):
@@ -512,7 +537,7 @@ def plots(args, results, out_dir: Path, class_names) -> None:
     for m in args.methods.split(","):
         b = base_method(m)[0] if not m.endswith(INIT_SUFFIX) else m[: -len(INIT_SUFFIX)]
         style = (":" if m.endswith(INIT_SUFFIX) else "-." if "@" in m else "--" if m in FULL_DATA
-                 else (0, (1, 3)) if b != m and m.startswith("lad-no") else "-")
+                 else (0, (5, 2)) if m in VARIANTS else "-")
         for ipc in ([None] if m in FULL_DATA else ipcs):
             xs = [IF for IF in ifs if results.get(col_name(IF, ipc or ipcs[0]), {}).get(m)]
             ys = [100 * results[col_name(IF, ipc or ipcs[0])][m]["summary"]["accuracy"]["mean"] for IF in xs]
@@ -553,9 +578,15 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the finished cells; compute nothing")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PRESET:key=value,...",
+                   help="a named variant of a preset, usable in --methods (repeatable); e.g. "
+                        "lad-ce=lad:distill.phases.0.inner_loss=soft_ce")
     p.add_argument("--plan", action="store_true",
                    help="print every cell with its preset, scale and state (done / partial / to do); compute nothing")
     args = p.parse_args(argv)
+    for v in args.variant:
+        name, preset, over = parse_variant(v)
+        VARIANTS[name] = (preset, over)
     if args.ipcs is None:
         args.ipcs = default_ipcs(args.profile)
     if args.full_epochs is None:

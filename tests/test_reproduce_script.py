@@ -87,3 +87,22 @@ def test_cell_names_stay_compatible(ipc, key, tmp_path):
     (work / "cells" / f"{key}.json").write_text(json.dumps(_cell(0.5, [0.5] * 10)))
     out = _run("--ifs", "10", "--ipcs", str(ipc), "--methods", "lad", "--plan", "--work", str(work), cwd=ROOT)
     assert f"{key} " in out and "1 done" in out
+
+
+def test_variants_apply_their_overrides_and_take_suffixes(tmp_path):
+    out = _run("--ifs", "100", "--methods", "lad,lad-all,lad-all@7", "--variant",
+               "lad-all=lad:distill.phases.0.match=all,distill.lr_lr=1e-4", "--plan", "--work", str(tmp_path / "w"),
+               cwd=ROOT)
+    cells = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("if")}
+    assert "representation(N=10, M=2, start<10, backbone)" in cells["if100-lad"]
+    assert "representation(N=10, M=2, start<10, all)" in cells["if100-lad-all"]
+    assert "7 iterations" in cells["if100-lad-all@7"] and "start<10, all)" in cells["if100-lad-all@7"]
+    assert "preset lad " in cells["if100-lad-all"]
+
+
+@pytest.mark.parametrize("bad", ["lad-x", "lad-x=lad", "lad-x=lad:novalue", "x@1=lad:a=b"])
+def test_malformed_variant_is_one_clear_line(bad, tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--plan", "--variant", bad, "--work", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "--variant" in out.stderr
