@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 from ltdd.config import (RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, list_presets, load_preset,
                          save_json)
 from ltdd.data import prepare_data
@@ -149,6 +151,7 @@ class Table:
             with local_only():  # a cell is one rank's independent work
                 res = fn()
             res.setdefault("seconds", time.time() - t0)
+            res.setdefault("threads", torch.get_num_threads())
             save_json(path, res)
         finally:
             unlock(lock)
@@ -362,8 +365,9 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
     methods = args.methods.split(",")
     lines = [f"# LAD Table 1 (CIFAR-10-LT) at the `{args.profile}` profile", "",
              f"Command: `{_command(args)}`  ",
-             f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}, device {args.device or 'auto'}; "
-             f"date {time.strftime('%Y-%m-%d')}.", "", "Scale (what differs from the paper):", ""]
+             f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device or 'auto'}; "
+             f"torch threads of the processes that computed the cells: {_threads(results)}; report written "
+             f"{time.strftime('%Y-%m-%d')}.", "", "Scale (what differs from the paper):", ""]
     if args.profile == "cpu":
         lines += [f"- {k}: {v}" for k, v in CPU_SCALE.items()]
     else:
@@ -407,6 +411,11 @@ def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
         lines += [f"Analysis of these figures (why orderings do or do not hold at this scale): [{notes.name}]({notes.name})",
                   ""]
     atomic_write_text(out_md, "\n".join(lines) + "\n")
+
+
+def _threads(results: dict) -> str:
+    found = sorted({r["threads"] for row in results.values() for r in row.values() if r.get("threads")})
+    return ", ".join(map(str, found)) if found else "not recorded in these cells"
 
 
 def _cost_lines(args, results: dict) -> list[str]:
