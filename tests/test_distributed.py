@@ -85,14 +85,6 @@ def _experts_worker(rank, world, port, store):
         dist.destroy_process_group()
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_data_parallel_distillation_equals_single_process(tmp_path, one_thread):
     data = make_tiny_data()
     store = make_store(tmp_path / "experts", data)

@@ -44,9 +44,20 @@ def collect(run_dir: Path) -> list[dict]:
     return rows
 
 
-def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) -> None:
+def _save_png(fig, path: Path, dpi: int) -> None:
+    """Write a matplotlib figure as a PNG atomically and close it."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,11 +77,7 @@ def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) 
     ax.set_xlabel("class (head → tail)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path, dpi=110)
 
 
 def _class_names_from_sets(run_dir: Path) -> list[str] | None:
@@ -107,8 +114,6 @@ def _read_logs(run_dir: Path) -> dict[str, list[dict]]:
 
 def curves_plot(logs: dict[str, list[dict]], path: Path) -> None:
     """Two panels: the matching loss (solid: total; dashed: each phase) and the learned step size, per iteration."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,11 +139,7 @@ def curves_plot(logs: dict[str, list[dict]], path: Path) -> None:
     ax_a.set_xlabel("iteration")
     ax_a.set_ylabel("learned step size")
     ax_a.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path, dpi=100)
 
 
 def write_report(run_dir: str | Path) -> Path:
