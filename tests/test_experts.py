@@ -45,6 +45,22 @@ def test_experts_store_trajectories_and_append(tmp_path, tiny_data):
     again = train_experts(_cfg(num_experts=3), tiny_data, tmp_path / "s", progress=False)
     assert again["trained"] == {"representation": 1, "classifier": 1}
     assert store.indices("representation") == [0, 1, 2]
+    # the store's training log: one line per trained expert, in training order, appended across runs
+    log = store.read_log()
+    assert [(r["kind"], r["expert"]) for r in log] == [("representation", 0), ("classifier", 0),
+                                                        ("representation", 1), ("classifier", 1),
+                                                        ("representation", 2), ("classifier", 2)]
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["seconds"] >= 0 for r in log)
+
+
+def test_training_log_survives_a_cut_line(tmp_path):
+    store = TrajectoryStore(tmp_path / "s")
+    store.root.mkdir(parents=True)
+    store.append_log({"expert": 0, "kind": "representation", "test_acc": 0.5})
+    with open(store.log_path, "a") as f:
+        f.write('{"expert": 1, "ki')  # a process killed mid-line
+    store.append_log({"expert": 2, "kind": "representation", "test_acc": 0.25})
+    assert [r["expert"] for r in store.read_log()] == [0, 2]  # only the cut line is lost
 
 
 def test_sharded_fill_and_keep_epochs(tmp_path, tiny_data):

@@ -36,9 +36,14 @@ def test_report_has_groups_curves_and_grids(tmp_path):
     from ltdd.synset import save_grid
 
     save_grid(run / "grid.png", torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 2)
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "train_log.jsonl").write_text(
+        "\n".join(json.dumps({"expert": i, "kind": "representation", "test_acc": a, "seconds": 10.0})
+                  for i, a in enumerate([0.25, 0.35])) + "\n")
     md = write_report(tmp_path).read_text()
     assert "| lad | 50.0 ± 1.0 | 10.0 ± 1.0 | 20.0 ± 1.0 | 60.0 ± 1.0 | – | 40.0 ± 1.0 | 70.0 ± 1.0 | 50.0 ± 1.0 | " \
            "30.0 ± 1.0 | 3 | 7 |" in md
+    assert "`experts` representation: 2 experts, test accuracy 30.0 % (min 25.0, max 35.0), 20 s of training" in md
     assert "## Distillation curves" in md and (tmp_path / "curves.png").stat().st_size > 1000
     assert "![grid](lad/grid.png)" in md
     html = (tmp_path / "report.html").read_text()

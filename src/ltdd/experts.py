@@ -5,6 +5,7 @@ Store layout (one folder)::
     store.json                      what the store is for: model, data fingerprint, parameter names, epochs
     representation/expert_00007.safetensors
     classifier/expert_00007.safetensors
+    train_log.jsonl                 one line per trained expert: kind, index, test accuracy, training seconds
 
 Each expert file holds ``trajectory`` (T x P, the flattened parameters at the stored epochs, fp32 or fp16),
 ``epochs`` (the epoch index of each row; 0 = initial weights) and ``final`` (the final parameters, fp32, always
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +154,37 @@ class TrajectoryStore:
             raise LtddError(f"expert file {p} is corrupt ({str(e).splitlines()[0][:100]})") from None
         return Trajectory(t["trajectory"].float(), t["epochs"].tolist(), t["final"].float())
 
+    @property
+    def log_path(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    def append_log(self, record: dict) -> None:
+        """Append one JSON line (an expert's test accuracy and training seconds) to ``train_log.jsonl``.
+
+        One ``O_APPEND`` write per line, so concurrent fillers do not interleave their lines; a line left unfinished
+        by a killed process is closed first, so it costs only itself."""
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read_log(self) -> list[dict]:
+        """The records of ``train_log.jsonl`` (a line cut by a kill is skipped)."""
+        if not self.log_path.is_file():
+            return []
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
     def claim(self, kind: str, index: int) -> bool:
         """Take an exclusive claim on an expert that is not trained yet (for concurrent fillers).
 
@@ -243,14 +276,17 @@ def train_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, device=None
         for kind, train in jobs:
             if not store.claim(kind, index):
                 break
+            t_job = time.time()
             try:
                 model, traj = train()
                 store.save(kind, index, traj, cfg.fp16)
             finally:
                 store.release(kind, index)
             done[kind] += 1
+            rec = {"expert": index, "kind": kind, "test_acc": round(test_metrics(model, data).accuracy, 4),
+                   "seconds": round(time.time() - t_job, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            store.append_log(rec)
             if log:
-                log({"expert": index, "kind": kind, "test_acc": test_metrics(model, data).accuracy,
-                     "seconds": time.time() - t0})
+                log(rec)
     return {"trained": done, "seconds": time.time() - t0,
             "available": {k: len(store.indices(k)) for k in KINDS}}

@@ -94,6 +94,28 @@ def _class_names_from_sets(run_dir: Path) -> list[str] | None:
     return None
 
 
+def _expert_lines(run_dir: Path) -> list[str]:
+    """One line per expert store and kind below ``run_dir``: count, mean and range of test accuracy, seconds."""
+    import statistics
+
+    lines = []
+    for path in sorted(run_dir.rglob("train_log.jsonl")):
+        recs = []
+        for line in path.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        rel = path.parent.relative_to(run_dir).as_posix()
+        for kind in ("representation", "classifier"):
+            acc = [r["test_acc"] for r in recs if r.get("kind") == kind and isinstance(r.get("test_acc"), float)]
+            if acc:
+                secs = sum(r.get("seconds", 0.0) for r in recs if r.get("kind") == kind)
+                lines.append(f"- `{rel}` {kind}: {len(acc)} experts, test accuracy {100 * statistics.mean(acc):.1f} % "
+                             f"(min {100 * min(acc):.1f}, max {100 * max(acc):.1f}), {secs:.0f} s of training")
+    return lines
+
+
 def _read_logs(run_dir: Path) -> dict[str, list[dict]]:
     """{run name: the iteration records of its log.jsonl} for every distillation log below ``run_dir``."""
     logs = {}
@@ -170,6 +192,10 @@ def write_report(run_dir: str | Path) -> Path:
                      f"| {sec} |")
     lines += ["", "## Per-class accuracy", "", "Mean over runs, classes from head to tail:", "",
               "![per-class accuracy](per_class.png)", ""]
+    experts = _expert_lines(run_dir)
+    if experts:
+        lines += ["## Experts", "", "Test accuracy of the experts the run trained (from each store's "
+                  "train_log.jsonl):", ""] + experts + [""]
     logs = _read_logs(run_dir)
     if logs:
         curves_plot(logs, run_dir / "curves.png")
