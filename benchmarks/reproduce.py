@@ -361,7 +361,7 @@ def _paper(IF: int, ipc: int, method: str) -> str:
 
 
 def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
-    cols = columns(args)
+    cols = [c for c in columns(args) if results.get(col_name(*c))] or columns(args)  # columns with results
     methods = args.methods.split(",")
     lines = [f"# LAD Table 1 (CIFAR-10-LT) at the `{args.profile}` profile", "",
              f"Command: `{_command(args)}`  ",

@@ -106,3 +106,14 @@ def test_malformed_variant_is_one_clear_line(bad, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and "--variant" in out.stderr
+
+
+def test_report_leaves_out_columns_without_any_cell(tmp_path):
+    work, res = tmp_path / "w", tmp_path / "res"
+    (work / "cells").mkdir(parents=True)
+    (work / "cells" / "if100-lad.json").write_text(json.dumps(_cell(0.45, [0.5] * 10)))
+    _run("--ifs", "10,100", "--ipcs", "10,50", "--methods", "lad", "--report-only", "--work", str(work),
+         "--results", str(res), cwd=ROOT)
+    md = (res / "lad-cifar10lt-cpu.md").read_text()
+    assert "| method | IF 100 IPC 10 ours | paper |" in md
+    assert "IF 10 IPC" not in md and "IPC 50" not in md
