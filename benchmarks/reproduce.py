@@ -361,7 +361,7 @@ def _paper(IF: int, ipc: int, method: str) -> str:
 
 
 def write_lad_report(args, results: dict, out_md: Path, class_names) -> None:
-    cols = [c for c in columns(args) if results.get(col_name(*c))] or columns(args)  # columns with results
+    cols = _filled_columns(args, results)
     methods = args.methods.split(",")
     lines = [f"# LAD Table 1 (CIFAR-10-LT) at the `{args.profile}` profile", "",
              f"Command: `{_command(args)}`  ",
@@ -431,16 +431,26 @@ def _cost_lines(args, results: dict) -> list[str]:
                 if cell_key(IF, ipc, m) not in seen:
                     seen.add(cell_key(IF, ipc, m))
                     cells += r.get("seconds", 0.0)
-                    core_cells += r.get("seconds", 0.0) if m in default else 0.0
+                    is_core = m in default and (m in FULL_DATA or ipc in _ints(default_ipcs(args.profile)))
+                    core_cells += r.get("seconds", 0.0) if is_core else 0.0
         exp = work / "cells" / f"experts-if{IF}.json"
         e = json.loads(exp.read_text())["seconds"] if exp.is_file() else None
         total += cells + (e or 0.0)
         core += core_cells + (e or 0.0)
-        out.append(f"- IF {IF}: {len(seen)} cells {cells / 60:.0f} min (default methods: {core_cells / 60:.0f} min); "
+        out.append(f"- IF {IF}: {len(seen)} cells {cells / 60:.0f} min (default methods at the profile's default IPC: "
+                   f"{core_cells / 60:.0f} min); "
                    "expert store " + (f"{e / 60:.0f} min" if e is not None else "not timed") + ".")
     out.append(f"- Total compute (sum over processes, 1 thread each unless stated): {total / 3600:.2f} h; the default "
-               f"methods ({DEFAULT_METHODS}) with the expert stores: {core / 3600:.2f} h.")
+               f"methods ({DEFAULT_METHODS}) at IPC {default_ipcs(args.profile)} with the expert stores: {core / 3600:.2f} h.")
     return ["Cost:", ""] + out
+
+
+def _filled_columns(args, results: dict) -> list[tuple[int, int]]:
+    """The requested columns that have at least one finished distillation cell (full-data cells are shared by
+    every IPC of an IF, so they alone do not make a column); all requested columns when none has."""
+    filled = [c for c in columns(args)
+              if any(m not in FULL_DATA for m in results.get(col_name(*c), {}))]
+    return filled or columns(args)
 
 
 def _perclass_png(args, IF: int, ipc: int) -> str:
@@ -518,7 +528,7 @@ def plots(args, results, out_dir: Path, class_names) -> None:
         plt.close(fig)
         atomic_write_bytes(out_dir / name, buf.getvalue())
 
-    for IF, ipc in columns(args):
+    for IF, ipc in _filled_columns(args, results):
         row = {m: r for m, r in results.get(col_name(IF, ipc), {}).items() if r}
         if not row:
             continue

@@ -62,6 +62,7 @@ def test_report_only_writes_columns_paper_numbers_and_reading(tmp_path):
              "if100-lad-init": _cell(0.40, per), "if100-lad-no-dam": _cell(0.41, per), "if100-lad-no-ed": _cell(0.47, per)}
     for k, v in cells.items():
         (work / "cells" / f"{k}.json").write_text(json.dumps(v))
+    (work / "cells" / "experts-if100.json").write_text(json.dumps({"seconds": 3600.0}))
     _run("--ifs", "100", "--ipcs", "10,50", "--methods", "lad,datm,mtt,dm,erm,lad-init,lad-no-dam,lad-no-ed", "--report-only", "--work", str(work),
          "--results", str(res), cwd=ROOT)
     md = (res / "lad-cifar10lt-cpu.md").read_text()
@@ -72,6 +73,10 @@ def test_report_only_writes_columns_paper_numbers_and_reading(tmp_path):
     assert "| lad | 45.0±1.0 | 53.4±0.1 | 60.0±1.0 | 64.0±0.9 |" in md  # ours | paper for IPC 10 and 50
     assert "| erm | 55.0±1.0 | 66.2±0.4 | 55.0±1.0 | 66.2±0.4 |" in md  # one full-data cell under both IPCs
     assert "(LAD above DATM and MTT) holds here" in md
+    # cost: 9 cells of 12 s; the 5 default-method cells at IPC 10 (60 s) + the store (3600 s) = 1.02 h
+    assert "- IF 100: 9 cells 2 min (default methods at the profile's default IPC: 1 min); expert store 60 min." in md
+    assert "Total compute (sum over processes, 1 thread each unless stated): 1.03 h" in md
+    assert "at IPC 10 with the expert stores: 1.02 h." in md
     assert "above LAD here: dm 50.0" in md
     for png in ("perclass-if100-ipc10", "perclass-if100-ipc50", "vs-if"):
         assert (res / f"lad-cifar10lt-cpu-{png}.png").stat().st_size > 1000
