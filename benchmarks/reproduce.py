@@ -421,7 +421,7 @@ def _threads(results: dict) -> str:
 def _cost_lines(args, results: dict) -> list[str]:
     """Compute spent: the cells' seconds and the expert stores' wall time, per IF and in total, and the part of it
     spent on the default methods (the table the issue asks for) when other methods are present too."""
-    work = Path(args.work or f"runs/reproduce/{args.table}-{args.profile}")
+    work = work_dir(args)
     default = set(DEFAULT_METHODS.split(","))
     out, total, core = [], 0.0, 0.0
     for IF in _ints(args.ifs):
@@ -574,6 +574,11 @@ def plots(args, results, out_dir: Path, class_names) -> None:
     save(fig, f"lad-cifar10lt-{args.profile}-vs-if.png")
 
 
+def work_dir(args) -> Path:
+    """Where a table's cells, expert stores and distilled sets live (``--work``)."""
+    return Path(args.work or f"runs/reproduce/{args.table}-{args.profile}")
+
+
 def default_full_epochs(profile: str) -> int:
     return 30 if profile == "cpu" else 200
 
@@ -618,8 +623,7 @@ def _main(args) -> int:
     if args.profile == "gpu":
         args.runs = max(args.runs, 5)
     device = resolve_device(args.device)
-    work = Path(args.work or f"runs/reproduce/{args.table}-{args.profile}")
-    table = Table(work, device, args.profile)
+    table = Table(work_dir(args), device, args.profile)
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.table == "two-stage":

@@ -222,6 +222,23 @@ def save_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_dict(obj), indent=2) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, in order; a line cut short by a killed writer (or any line that is
+    not a JSON object) is skipped. A missing file gives an empty list."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def load_yaml(path: str | Path) -> dict:
     try:
         with open(path) as f:

@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from .config import ExpertConfig, atomic_write_bytes, atomic_write_text, to_dict
+from .config import ExpertConfig, atomic_write_bytes, atomic_write_text, read_jsonl, to_dict
 from .errors import LtddError
 from .locks import lock_is_stale, try_lock, unlock
 from .models import create_model
@@ -175,15 +175,7 @@ class TrajectoryStore:
 
     def read_log(self) -> list[dict]:
         """The records of ``train_log.jsonl`` (a line cut by a kill is skipped)."""
-        if not self.log_path.is_file():
-            return []
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return read_jsonl(self.log_path)
 
     def claim(self, kind: str, index: int) -> bool:
         """Take an exclusive claim on an expert that is not trained yet (for concurrent fillers).

@@ -13,7 +13,7 @@ import base64
 import json
 from pathlib import Path
 
-from .config import atomic_write_bytes, atomic_write_text
+from .config import atomic_write_bytes, atomic_write_text, read_jsonl
 from .errors import LtddError
 
 
@@ -82,11 +82,11 @@ def per_class_plot(rows: list[dict], class_names: list[str] | None, path: Path) 
 
 def _class_names_from_sets(run_dir: Path) -> list[str] | None:
     """Class names from the metadata of the first distilled set below ``run_dir`` that records them."""
-    from .synset import SyntheticSet
+    from .synset import read_meta
 
     for path in sorted(run_dir.rglob("distilled.safetensors")):
         try:
-            names = SyntheticSet.load(path).meta.get("class_names")
+            names = read_meta(path).get("class_names")
         except LtddError:
             continue
         if names:
@@ -100,12 +100,7 @@ def _expert_lines(run_dir: Path) -> list[str]:
 
     lines = []
     for path in sorted(run_dir.rglob("train_log.jsonl")):
-        recs = []
-        for line in path.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        recs = read_jsonl(path)
         rel = path.parent.relative_to(run_dir).as_posix()
         for kind in ("representation", "classifier"):
             acc = [r["test_acc"] for r in recs if r.get("kind") == kind and isinstance(r.get("test_acc"), float)]
@@ -120,14 +115,7 @@ def _read_logs(run_dir: Path) -> dict[str, list[dict]]:
     """{run name: the iteration records of its log.jsonl} for every distillation log below ``run_dir``."""
     logs = {}
     for path in sorted(run_dir.rglob("log.jsonl")):
-        recs = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: skip it
-            if isinstance(rec, dict) and "iteration" in rec and "loss" in rec:
-                recs.append(rec)
+        recs = [r for r in read_jsonl(path) if "iteration" in r and "loss" in r]
         if recs:
             rel = path.parent.relative_to(run_dir).as_posix()
             logs[rel if rel != "." else run_dir.name] = recs

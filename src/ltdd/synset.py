@@ -60,25 +60,39 @@ class SyntheticSet:
             path = path / FILENAME
         if not path.is_file():
             raise LtddError(f"distilled set not found: {path}")
-        raw = path.read_bytes()
         try:
-            tensors = st_load(raw)
-            from safetensors import safe_open  # metadata
-
-            with safe_open(str(path), framework="pt") as f:
-                meta_raw = (f.metadata() or {}).get("ltdd", "{}")
+            tensors = st_load(path.read_bytes())
         except (SafetensorError, Exception) as e:  # noqa: BLE001 - any parse failure is the file's fault
             raise LtddError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
+        meta = read_meta(path)
         for key in ("images", "labels"):
             if key not in tensors:
                 raise LtddError(f"{path} has no '{key}' tensor")
         lr = tensors.get("lr")
-        try:
-            meta = json.loads(meta_raw)
-        except json.JSONDecodeError:
-            meta = {}
         return cls(tensors["images"].float(), tensors["labels"].long(), tensors.get("soft_labels"),
                    float(lr) if lr is not None else None, meta)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``ltdd`` metadata of a distilled set (dataset, split, method, class names, ...) without reading its
+    tensors; ``{}`` when it has none or it is not JSON."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise LtddError(f"distilled set not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get("ltdd", "{}")
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise LtddError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def image_grid(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, max_per_class: int = 10):
