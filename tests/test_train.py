@@ -103,3 +103,112 @@ def test_divergence_is_reported(tiny_data):
     with pytest.raises(LtddError, match="diverged"):
         train_model(model, tiny_data.train_x * 1e30, tiny_data.train_y,
                     TrainConfig(epochs=1, lr=1e30, dsa=False, batch_size=64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAM / GSAM against their formulas.
+#
+# train._sam_step implements the GSAM optimiser as LAD's experts use it (lad.md §3.1: FTD's GSAM, adaptive=True):
+#   e   = rho * w^2 * g / || |w| g ||          (ASAM-style perturbation; ONE norm over all parameters)
+#   g_p = grad f(w + e)                          (the SAM gradient)
+#   d   = g_p - alpha * (g - <g, g_p>/||g_p||^2 g_p)   (GSAM: minus alpha x the part of g orthogonal to g_p)
+# and the base SGD step then uses d. With alpha = 0 it is (adaptive) SAM.
+
+
+def _quadratic():
+    """f(a, b) = 1/2 a'Aa + 1/2 b'Db + (u.a)(v.b) with a in R^3, b in R^4 (held as 2x2): gradients in closed form,
+    anisotropic and coupled so that the perturbed gradient is not parallel to the clean one."""
+    A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.3]], dtype=torch.float64)
+    D = torch.diag(torch.tensor([2.0, 0.1, 1.5, 0.7], dtype=torch.float64))
+    u = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    v = torch.tensor([0.3, 1.0, -1.0, 2.0], dtype=torch.float64)
+
+    def f(a, b):
+        bf = b.reshape(-1)
+        return 0.5 * a @ A @ a + 0.5 * bf @ D @ bf + (u @ a) * (v @ bf)
+
+    def grad(a, b):  # by hand
+        bf = b.reshape(-1)
+        return A @ a + (v @ bf) * u, (D @ bf + (u @ a) * v).reshape(b.shape)
+
+    return f, grad
+
+
+def _sam_formula(w, grad, rho, alpha, adaptive=True, global_norm=True):
+    g = grad(*w)
+    if adaptive:
+        norms = [torch.sqrt(((p * q) ** 2).sum()) for p, q in zip(w, g)]
+        eps = [rho * p * p * q for p, q in zip(w, g)]
+    else:
+        norms = [torch.sqrt((q ** 2).sum()) for q in g]
+        eps = [rho * q for q in g]
+    total = torch.sqrt(sum(n ** 2 for n in norms))
+    eps = [e / (total if global_norm else n) for e, n in zip(eps, norms)]
+    gp = grad(*[p + e for p, e in zip(w, eps)])
+    dot = sum((q * r).sum() for q, r in zip(g, gp))
+    nn2 = sum((r * r).sum() for r in gp)
+    return [r - alpha * (q - dot / nn2 * r) for q, r in zip(g, gp)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_sam_step_matches_the_gsam_formula(alpha):
+    from ltdd.train import _sam_step
+
+    f, grad = _quadratic()
+    a0 = torch.tensor([0.8, -1.5, 2.0], dtype=torch.float64)
+    b0 = torch.tensor([[0.2, -3.0], [1.0, 0.5]], dtype=torch.float64)
+    rho = 0.1
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    f(a, b).backward()
+    ga, gb = grad(a0, b0)
+    assert torch.allclose(a.grad, ga) and torch.allclose(b.grad, gb)  # the closed-form gradient is right
+    _sam_step([a, b], lambda: f(a, b).backward(), rho, alpha)
+    want = _sam_formula([a0, b0], grad, rho, alpha)
+    # parameter by parameter: the update direction, and the weights are back at w
+    assert torch.allclose(a.grad, want[0], rtol=0, atol=1e-12), (a.grad, want[0])
+    assert torch.allclose(b.grad, want[1], rtol=0, atol=1e-12), (b.grad, want[1])
+    assert torch.allclose(a.detach(), a0, rtol=0, atol=1e-14) and torch.allclose(b.detach(), b0, rtol=0, atol=1e-14)
+    # the test can tell the variants apart: plain gradient, vanilla SAM (e = rho g/||g||), per-parameter norms,
+    # and (for GSAM) plain SAM are all more than 1e-4 away from the implemented direction
+    others = [list(grad(a0, b0)), _sam_formula([a0, b0], grad, rho, alpha, adaptive=False),
+              _sam_formula([a0, b0], grad, rho, alpha, global_norm=False)]
+    if alpha:
+        others.append(_sam_formula([a0, b0], grad, rho, 0.0))
+    for other in others:
+        assert max((x - y).abs().max().item() for x, y in zip(other, want)) > 1e-4
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_train_model_takes_the_gsam_step(tiny_data, one_thread, alpha):
+    """One full-batch epoch of train_model with SAM/GSAM = one SGD step along the formula's direction."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = create_model("convnet", 3, 1, (8, 8), width=4, depth=1)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = tiny_data.train_x, tiny_data.train_y
+    lr, rho = 0.1, 0.5
+
+    def loss_at(params):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    names = list(w0)
+
+    def grad(*ws):
+        ps = {k: w.clone().requires_grad_(True) for k, w in zip(names, ws)}
+        return list(torch.autograd.grad(loss_at(ps), [ps[k] for k in names]))
+
+    w = [w0[k] for k in names]
+    d = _sam_formula(w, grad, rho, alpha)
+    want = {k: p - lr * q for k, p, q in zip(names, w, d)}
+    sgd = {k: p - lr * q for k, p, q in zip(names, w, grad(*w))}
+    cfg = TrainConfig(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, batch_size=len(y), schedule="constant",
+                      dsa=False, sam_rho=rho, gsam_alpha=alpha)
+    train_model(model, x, y, cfg, seed=0)
+    gap = max((want[k] - sgd[k]).abs().max().item() for k in names)
+    assert gap > 1e-3  # the sharpness-aware step is far from a plain SGD step on this problem
+    if alpha:  # and the GSAM step from the SAM step
+        sam = {k: p - lr * q for k, p, q in zip(names, w, _sam_formula(w, grad, rho, 0.0))}
+        assert max((want[k] - sam[k]).abs().max().item() for k in names) > 1e-4
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.detach(), want[k], rtol=0, atol=2e-6), (k, (p.detach() - want[k]).abs().max())
