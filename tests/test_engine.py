@@ -3,6 +3,7 @@ masks, phases, initialisation, resume and guards."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from ltdd.config import DistillConfig, PhaseConfig, RunConfig
 from ltdd.distill import DivergenceError, distill
-from ltdd.distill.engine import TrajectoryMatching
+from ltdd.distill.engine import TrajectoryMatching, phase_replace
 from ltdd.distill.init import init_images, init_soft_labels
 from ltdd.errors import LtddError
 from ltdd.models.functional import functional_forward
@@ -125,14 +126,34 @@ def test_matched_and_updated_coordinates(tiny_store, tiny_data):
     assert torch.allclose(base, num / num)
 
 
-def test_phases_are_summed_with_their_weights(tiny_store, tiny_data):
-    ph_a = PhaseConfig(name="a", store="representation", max_start_epoch=1, syn_steps=2, match="backbone",
+@pytest.mark.parametrize("gradient", ["exact", "constant_memory"])
+def test_phases_are_summed_with_their_weights(tiny_store, tiny_data, gradient):
+    ph_a = PhaseConfig(name="a", store="representation", max_start_epoch=2, syn_steps=2, match="backbone",
                        inner_loss="dam", weight=0.5)
-    ph_b = PhaseConfig(name="b", store="classifier", max_start_epoch=1, syn_steps=2, student_update="classifier",
+    ph_b = PhaseConfig(name="b", store="classifier", max_start_epoch=2, syn_steps=2, student_update="classifier",
                        weight=2.0)
-    eng = _engine(tiny_store, tiny_data, phases=[ph_a, ph_b])
+    eng = _engine(tiny_store, tiny_data, phases=[ph_a, ph_b], gradient=gradient)
+    params = (eng.images, eng.soft, eng.lr)
+    rng = (eng.py_rng.getstate(), eng.generator.get_state(), copy.deepcopy(eng.expert_order), dict(eng.expert_pos))
+    # each phase alone with weight 1, drawing the same experts, start epochs and minibatches as step() will
+    alone = []
+    for ph in (ph_a, ph_b):
+        for t in params:
+            t.grad = None
+        loss, info = eng.phase_loss_and_grads(phase_replace(ph, weight=1.0), 0)
+        alone.append((loss, info, [t.grad.clone() for t in params]))
+    eng.py_rng.setstate(rng[0])
+    eng.generator.set_state(rng[1])
+    eng.expert_order, eng.expert_pos = rng[2], rng[3]
     rec = eng.step(0)
-    assert rec["loss"] == pytest.approx(0.5 * rec["loss/a"] + 2.0 * rec["loss/b"])
+    (la, ia, ga), (lb, ib, gb) = alone
+    assert (rec["start/a"], rec["start/b"]) == (ia["start_epoch"], ib["start_epoch"])
+    assert rec["loss/a"] == pytest.approx(la, rel=1e-6) and rec["loss/b"] == pytest.approx(lb, rel=1e-6)
+    assert rec["loss"] == pytest.approx(0.5 * la + 2.0 * lb, rel=1e-6)
+    for t, a, b in zip(params, ga, gb):  # step() leaves the summed gradient in .grad
+        assert a.abs().sum() > 0 and b.abs().sum() > 0
+        assert torch.allclose(t.grad, 0.5 * a + 2.0 * b, rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(t.grad, a + b, rtol=1e-3)
     assert rec["lr"] > 0
 
 
@@ -156,13 +177,18 @@ def test_init_images_duplicates_short_classes(tiny_data):
     g = torch.Generator().manual_seed(0)
     images, labels, src = init_images(tiny_data, 5, "real", generator=g, duplicate=True)
     assert labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
-    tail = src[10:]  # class 2 has 3 images: duplicated cyclically
-    assert len(set(tail)) == 3 and tail[:3] == tail[3:] + [tail[2]] or tail[3] == tail[0]
+    assert len(set(src[:5])) == 5 and len(set(src[5:10])) == 5  # classes with >= 5 images: no repeats
+    assert all(tiny_data.train_y[s] == c for c, s in zip(labels.tolist(), src))
+    tail = src[10:]  # class 2 has 3 images (indices 18, 19, 20): a, b, c, a, b
+    assert sorted(tail[:3]) == [18, 19, 20]
+    assert tail == [tail[0], tail[1], tail[2], tail[0], tail[1]]
     for i, s in enumerate(src):
         assert torch.equal(images[i], tiny_data.train_x[s])
     images2, _, src2 = init_images(tiny_data, 5, "real", generator=torch.Generator().manual_seed(0),
                                    duplicate=False)
-    assert src2[13:] == [-1, -1]  # noise fill instead
+    assert src2[:13] == src[:13]  # the same images where there are enough...
+    assert src2[13:] == [-1, -1]  # ...and noise instead of the duplicates
+    assert not any(torch.equal(images2[i], x) for i in (13, 14) for x in tiny_data.train_x)
 
 
 def test_init_correct_only_and_soft_label_average(tiny_data):
