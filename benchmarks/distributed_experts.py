@@ -27,8 +27,8 @@ from ltdd.config import atomic_write_text
 def run(k: int, store: Path, args) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "--master_port",
            str(29500 + k), "-m", "ltdd", "experts", "--preset", args.preset, "--out", str(store),
-           "--num-experts", str(args.experts), "--set", f"experts.epochs={args.epochs}",
-           "--set", f"experts.classifier_epochs={args.classifier_epochs}"]
+           "--num-experts", str(args.experts), "--set", f"experts.train.epochs={args.epochs}",
+           "--set", f"experts.classifier_train.epochs={args.classifier_epochs}"]
     if args.profile:
         cmd += ["--profile", args.profile]
     for s in args.set:

@@ -35,7 +35,7 @@ from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 from ltdd.config import (RunConfig, TrainConfig, atomic_write_bytes, atomic_write_text, list_presets, load_preset,
                          save_json)
 from ltdd.data import prepare_data
-from ltdd.distill import distill
+from ltdd.distill import DISTILLERS, distill
 from ltdd.distill.run import peak_memory_mb
 from ltdd.evaluate import run_protocol
 from ltdd.experts import train_experts
@@ -207,11 +207,17 @@ def method_config(args, method: str, IF: int, ipc: int) -> tuple[str, RunConfig]
     profile = "cpu" if args.profile == "cpu" else None
     method, extra = base_method(method)
     over = [f"data.imbalance_factor={IF}", f"data.root={args.root}", f"distill.ipc={ipc}"]
-    if method == "lad" and profile is None:
-        released = f"lad-cifar10-if{IF}-ipc{ipc}"
-        if released in list_presets():
-            return released, load_preset(released, None, [f"data.root={args.root}"] + extra)
+    released = released_preset(method, IF, ipc)
+    if released:
+        return released, load_preset(released, profile, [f"data.root={args.root}"] + extra)
     return method, load_preset(method, profile, over + extra)
+
+
+def released_preset(method: str, IF: int, ipc: int) -> str | None:
+    """LAD's released configuration for (IF, IPC) on CIFAR-10-LT, when there is one (under every profile: its own
+    lambdas, windows and learning rates, scaled by the profile)."""
+    name = f"lad-cifar10-if{IF}-ipc{ipc}"
+    return name if method == "lad" and name in list_presets() else None
 
 
 # named variants of a preset given on the command line: --variant NAME=PRESET:key=value,key=value
@@ -256,8 +262,13 @@ def needs_experts(method: str) -> bool:
 def expert_config(args, IF: int) -> RunConfig:
     """The expert stores of a column: the LAD preset's experts (representation + classifier experts), shared by
     MTT, DATM and LAD so that they are compared on the same trajectories."""
-    return load_preset("lad", "cpu" if args.profile == "cpu" else None,
-                       [f"data.imbalance_factor={IF}", f"data.root={args.root}"])
+    profile = "cpu" if args.profile == "cpu" else None
+    # experts long enough for every column's start window (LAD's released configurations differ per IPC)
+    epochs = max([load_preset("lad", profile).experts.train.epochs] +
+                 [load_preset(r, profile).experts.train.epochs for r in
+                  (released_preset("lad", IF, ipc) for ipc in _ints(args.ipcs)) if r])
+    return load_preset("lad", profile, [f"data.imbalance_factor={IF}", f"data.root={args.root}",
+                                        f"experts.train.epochs={epochs}"])
 
 
 def plan(args, table: Table) -> list[dict]:
@@ -280,13 +291,14 @@ def plan(args, table: Table) -> list[dict]:
                 continue
             preset, cfg = method_config(args, m, IF, ipc)
             d = cfg.distill
-            what = f"ipc {d.ipc}, {d.iterations} iterations"
+            one_shot = getattr(DISTILLERS[d.method], "one_shot", False)
+            what = f"ipc {d.ipc}, " + ("one-shot selection" if one_shot else f"{d.iterations} iterations")
             if needs_experts(m):
                 what += ", phases " + ", ".join(f"{ph.name}(N={ph.syn_steps}, M={ph.expert_epochs}, "
                                                 f"start<{ph.max_start_epoch}, {ph.match})" for ph in d.phases)
             if needs_experts(m):
                 e = expert_config(args, IF).experts
-                what += f"; experts {e.num_experts} x {e.epochs} epochs"
+                what += f"; experts {e.num_experts} x {e.train.epochs} epochs"
             rows.append({"cell": key, "IF": IF, "ipc": ipc, "method": m, "preset": preset, "state": state,
                          "what": what})
     return rows

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
-from ltdd.config import DistillConfig, ExpertConfig, ModelConfig, PhaseConfig
+from ltdd.config import DistillConfig, ExpertConfig, ModelConfig, PhaseConfig, TrainConfig
 from ltdd.distill.engine import TrajectoryMatching
 from ltdd.experts import Trajectory, TrajectoryStore
 from ltdd.models import create_model
@@ -75,7 +75,8 @@ def make_store(root, data, model_cfg: ModelConfig, epochs: int = 3, seed: int = 
     model = create_model(model_cfg.name, data.num_classes, data.channels, data.im_size, **model_cfg.args)
     layout = ParamLayout(model)
     store = TrajectoryStore(root)
-    store.initialise(ExpertConfig(model=model_cfg, num_experts=1, epochs=epochs, classifier_epochs=epochs), data,
+    store.initialise(ExpertConfig(model=model_cfg, num_experts=1, train=TrainConfig(epochs=epochs),
+                                  classifier_train=TrainConfig(epochs=epochs)), data,
                      layout)
     g = torch.Generator().manual_seed(seed)
     start = layout.flatten(model).detach().clone()

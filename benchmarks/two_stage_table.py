@@ -103,7 +103,7 @@ def profile_settings(profile: str, args) -> dict:
             "syn_epochs": int(getattr(args, "syn_epochs", None) or 200),
             "dc_overrides": [f"distill.iterations={int(getattr(args, 'gm_iterations', None) or 20)}"],
             "mtt_overrides": [f"experts.num_experts={int(getattr(args, 'mtt_experts', None) or 3)}",
-                              f"experts.epochs={int(getattr(args, 'expert_epochs', None) or 12)}",
+                              f"experts.train.epochs={int(getattr(args, 'expert_epochs', None) or 12)}",
                               f"distill.iterations={int(getattr(args, 'mtt_iterations', None) or 60)}",
                               # the preset's lr_lr 1e-5 collapses the learned step size to its floor (1e-6) at
                               # iteration 0 on un-whitened pixels (initial matching loss ~8), which freezes the
@@ -420,7 +420,7 @@ def two_stage_table(args, table, out_dir) -> int:
     t0 = time.time()
     mtt_cfg = load_preset("mtt", settings["preset_profile"], data_over + settings["mtt_overrides"])
     experts_dir = table.work / "experts-mtt"
-    _log(f"MTT experts: {mtt_cfg.experts.num_experts} x {mtt_cfg.experts.epochs} epochs, "
+    _log(f"MTT experts: {mtt_cfg.experts.num_experts} x {mtt_cfg.experts.train.epochs} epochs, "
          f"width {mtt_cfg.experts.model.args.get('width', 128)}")
     ex = train_experts(mtt_cfg.experts, data, experts_dir, device=table.device, progress=False)
     timings["mtt_experts"] = time.time() - t0
@@ -429,7 +429,7 @@ def two_stage_table(args, table, out_dir) -> int:
     timings["distill_mtt"] = time.time() - t0
     sources["mtt"] = (mtt["images"], mtt["labels"])
     results["distilled"]["mtt"] = {**{k: v for k, v in mtt.items() if k not in ("images", "labels")},
-                                   "experts": {"num": mtt_cfg.experts.num_experts, "epochs": mtt_cfg.experts.epochs,
+                                   "experts": {"num": mtt_cfg.experts.num_experts, "epochs": mtt_cfg.experts.train.epochs,
                                                "trained_this_call": ex["trained"]}}
     cell("mtt_flat", lambda: flat_row("mtt_flat"))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltdd.config import ExpertConfig, ModelConfig
+from ltdd.config import ExpertConfig, ModelConfig, TrainConfig
 from ltdd.experts import TrajectoryStore, Trajectory
 from ltdd.models import create_model
 from ltdd.models.functional import ParamLayout
@@ -57,7 +57,8 @@ def make_store(root, data, epochs=4, n_experts=2, model_cfg=TINY_MODEL, classifi
     """A store whose trajectories are random walks in parameter space (classifier experts move only the head)."""
     model = create_model(model_cfg.name, data.num_classes, data.channels, data.im_size, **model_cfg.args)
     layout = ParamLayout(model)
-    cfg = ExpertConfig(model=model_cfg, num_experts=n_experts, epochs=epochs, classifier_epochs=epochs)
+    cfg = ExpertConfig(model=model_cfg, num_experts=n_experts, train=TrainConfig(epochs=epochs),
+                       classifier_train=TrainConfig(epochs=epochs, trainable="classifier"))
     store = TrajectoryStore(root)
     store.initialise(cfg, data, layout)
     g = torch.Generator().manual_seed(seed)

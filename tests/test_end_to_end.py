@@ -11,7 +11,7 @@ from ltdd.workflow import run_pipeline
 
 def test_quickstart_pipeline_learns(tmp_path):
     cfg = load_preset("quickstart", overrides=[
-        "experts.num_experts=2", "experts.epochs=8", "distill.iterations=6", "distill.phases.0.max_start_epoch=4",
+        "experts.num_experts=2", "experts.train.epochs=8", "distill.iterations=6", "distill.phases.0.max_start_epoch=4",
         "protocol_overrides.train.epochs=60", "protocol_overrides.runs=1"])
     out = tmp_path / "run"
     summary = run_pipeline(cfg, out, echo=lambda *_: None)

@@ -15,11 +15,10 @@ from conftest import TINY_MODEL, make_tiny_data
 
 
 def _cfg(**kw):
-    base = dict(model=TINY_MODEL, num_experts=2, epochs=3,
-                train=TrainConfig(lr=0.01, momentum=0.0, weight_decay=5e-3, batch_size=8, schedule="constant",
+    base = dict(model=TINY_MODEL, num_experts=2,
+                train=TrainConfig(epochs=3, lr=0.01, momentum=0.0, weight_decay=5e-3, batch_size=8, schedule="constant",
                                   dsa=True, dsa_strategy="flip"),
-                classifier_epochs=2,
-                classifier_train=TrainConfig(lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=8, dsa=False,
+                classifier_train=TrainConfig(epochs=2, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=8, dsa=False,
                                              sampler="class_aware", trainable="classifier", schedule="constant"))
     base.update(kw)
     return ExpertConfig(**base)

@@ -102,7 +102,8 @@ def test_variants_apply_their_overrides_and_take_suffixes(tmp_path):
     assert "representation(N=10, M=2, start<10, backbone)" in cells["if100-lad"]
     assert "representation(N=10, M=2, start<10, all)" in cells["if100-lad-all"]
     assert "7 iterations" in cells["if100-lad-all@7"] and "start<10, all)" in cells["if100-lad-all@7"]
-    assert "preset lad " in cells["if100-lad-all"]
+    # a variant of LAD starts from LAD's released configuration of the cell (its own lambdas and windows)
+    assert "preset lad-cifar10-if100-ipc10 " in cells["if100-lad-all"]
 
 
 @pytest.mark.parametrize("bad", ["lad-x", "lad-x=lad", "lad-x=lad:novalue", "x@1=lad:a=b"])

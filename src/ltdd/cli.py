@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from . import config as C
 from .errors import LtddError
@@ -243,12 +244,25 @@ def preset_options(f):
 
 
 @cli.command("presets")
-def presets_cmd():
-    """List the packaged presets, one line each."""
-    for name in C.list_presets():
-        cfg = C.load_preset(name)
-        profiles = f" [profiles: {', '.join(cfg.profiles)}]" if cfg.profiles else ""
-        click.echo(f"{name:<28} {cfg.description}{profiles}")
+@click.argument("name", required=False)
+@click.option("--profile", default=None, help="with NAME: resolve under this profile, e.g. cpu")
+@click.option("--set", "overrides", multiple=True, help="with NAME: override a field, e.g. --set distill.ipc=20")
+def presets_cmd(name, profile, overrides):
+    """List the packaged presets, one line each; with NAME, print that preset fully resolved (YAML)."""
+    if name is None:
+        if profile or overrides:
+            raise LtddError("--profile and --set need a preset NAME")
+        for n in C.list_presets():
+            cfg = C.load_preset(n)
+            profiles = f" [profiles: {', '.join(cfg.profiles)}]" if cfg.profiles else ""
+            click.echo(f"{n:<28} {cfg.description}{profiles}")
+        return
+    cfg = C.load_preset(name, profile, overrides)
+    resolved = C.to_dict(cfg)
+    resolved.pop("profiles", None)
+    click.echo(f"# {name}" + (f" --profile {profile}" if profile else "") +
+               "".join(f" --set {o}" for o in overrides))
+    click.echo(yaml.safe_dump(resolved, sort_keys=False, width=118).rstrip())
 
 
 @cli.command("experts")

@@ -317,16 +317,15 @@ def protocol_preset(name: str) -> ProtocolConfig:
 
 @dataclass
 class ExpertConfig:
-    """Representation experts (lad.md §3.1) and classifier experts (§3.2)."""
+    """Representation experts (trained on the long-tailed set) and classifier experts (their head re-trained
+    class-balanced, cRT). The number of epochs of each is ``train.epochs`` / ``classifier_train.epochs``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     num_experts: int = 100
-    epochs: int = 100
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, lr=0.01, momentum=0.0,
                                                                    weight_decay=5e-3, batch_size=256,
                                                                    schedule="constant", dsa=True))
     classifier_experts: bool = True
-    classifier_epochs: int = 10
     classifier_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=256, schedule="constant", dsa=True,
         sampler="class_aware", samples_per_class_visit=4, trainable="classifier"))
@@ -412,25 +411,61 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a packaged preset (or a YAML path), apply a profile (e.g. ``cpu``) and dotted overrides."""
+def _preset_path(name: str) -> Path:
     path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = PRESET_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise LtddError(f"unknown preset '{name}' (see `ltdd presets`)")
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise LtddError(f"unknown preset '{name}' (see `ltdd presets`)")
+    return path
+
+
+def preset_profiles(name: str) -> list[str]:
+    """The profiles a preset declares itself (a derived preset must declare every profile it can run under)."""
+    raw = load_yaml(_preset_path(name))
+    return list((raw.get("profiles") or {}).keys())
+
+
+def _compose(name: str, profile: str | None, chain: tuple[str, ...] = ()) -> dict:
+    """The preset as one mapping, in the order base -> base's profile -> this preset -> this preset's profile.
+
+    A derived preset's own values therefore always win over its base's profile; a profile may only scale what the
+    preset says (experts, iterations, width, steps), and a derived preset states its own version of every profile
+    it supports, so that nothing of the base's profile silently replaces what the derived preset defines.
+    """
+    path = _preset_path(name)
+    if str(path) in chain:
+        raise LtddError(f"preset '{name}' is its own base ({' -> '.join(chain)})")
     raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise LtddError(f"preset {path} is not a mapping")
+    raw = dict(raw)
     base_name = raw.pop("base", None)
+    profiles = raw.pop("profiles", None) or {}
+    if profile is not None and profile not in profiles:
+        raise LtddError(f"preset '{name}' has no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
+    out: dict = {}
     if base_name:
-        base = to_dict(load_preset(base_name))
-        base.pop("profiles", None)
-        base_profiles = load_yaml(PRESET_DIR / f"{base_name}.yaml").get("profiles", {})
-        raw = merge(merge(base, {"profiles": base_profiles}), raw)
-    cfg_dict = raw
-    if profile:
-        profiles = cfg_dict.get("profiles", {}) or {}
-        if profile not in profiles:
-            raise LtddError(f"preset '{name}' has no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
-        cfg_dict = merge(cfg_dict, profiles[profile])
-    cfg_dict = merge(cfg_dict, parse_overrides(list(overrides)))
-    return from_dict(RunConfig, cfg_dict)
+        base_profiles = preset_profiles(base_name)
+        out = _compose(base_name, profile if profile in base_profiles else None, chain + (str(path),))
+    out = merge(out, raw)
+    if profile is not None:
+        out = merge(out, profiles[profile] or {})
+    out["profiles"] = profiles
+    return out
+
+
+def load_preset(name: str, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a packaged preset (or a YAML path), apply a profile (e.g. ``cpu``) and dotted overrides.
+
+    Composition order: base -> base's profile -> the preset's own values -> the preset's profile -> overrides.
+    Unknown keys anywhere are an error naming the key; so are settings the chosen method does not read
+    (checked by :func:`ltdd.distill.check_method_config`).
+    """
+    cfg_dict = merge(_compose(name, profile), parse_overrides(list(overrides)))
+    cfg = from_dict(RunConfig, cfg_dict)
+    from .distill.base import check_method_config  # the method registry knows what each method reads
+
+    check_method_config(cfg)
+    return cfg

@@ -90,8 +90,8 @@ class TrajectoryStore:
         meta = {"format": 1, "model": to_dict(cfg.model), "data": data_fingerprint(data),
                 "param_names": layout.names, "param_shapes": [list(s) for s in layout.shapes],
                 "num_params": layout.total, "backbone_params": int(layout.mask("backbone").sum()),
-                "representation": {"epochs": cfg.epochs, "train": to_dict(cfg.train)},
-                "classifier": {"epochs": cfg.classifier_epochs, "train": to_dict(cfg.classifier_train)},
+                "representation": {"epochs": cfg.train.epochs, "train": to_dict(cfg.train)},
+                "classifier": {"epochs": cfg.classifier_train.epochs, "train": to_dict(cfg.classifier_train)},
                 "fp16": cfg.fp16}
         if self.meta_path.is_file():
             self.check(cfg.model, data, layout)
@@ -213,12 +213,11 @@ def train_representation_expert(cfg: ExpertConfig, data, index: int, device, pro
     keep = set(cfg.keep_epochs) if cfg.keep_epochs is not None else None
     rows, epochs, snap = _record(layout, keep)
     snap(0, model)
-    tcfg = dataclasses.replace(cfg.train, epochs=cfg.epochs)
-    train_model(model, data.train_x, data.train_y, tcfg, num_classes=data.num_classes,
+    train_model(model, data.train_x, data.train_y, cfg.train, num_classes=data.num_classes,
                 class_counts=data.train_counts, seed=cfg.seed * 100003 + index, progress=progress,
                 desc=f"expert {index}", on_epoch_end=lambda e, m: snap(e + 1, m))
     final = layout.flatten(model).detach().float().cpu().clone()
-    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.epochs], final)
+    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.train.epochs], final)
 
 
 def train_classifier_expert(cfg: ExpertConfig, data, index: int, start: torch.Tensor, device,
@@ -231,12 +230,11 @@ def train_classifier_expert(cfg: ExpertConfig, data, index: int, start: torch.Te
     keep = set(cfg.classifier_keep_epochs) if cfg.classifier_keep_epochs is not None else None
     rows, epochs, snap = _record(layout, keep)
     snap(0, model)
-    tcfg = dataclasses.replace(cfg.classifier_train, epochs=cfg.classifier_epochs)
-    train_model(model, data.train_x, data.train_y, tcfg, num_classes=data.num_classes,
+    train_model(model, data.train_x, data.train_y, cfg.classifier_train, num_classes=data.num_classes,
                 class_counts=data.train_counts, seed=cfg.seed * 100003 + index + 7, progress=progress,
                 desc=f"classifier expert {index}", on_epoch_end=lambda e, m: snap(e + 1, m))
     final = layout.flatten(model).detach().float().cpu().clone()
-    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.classifier_epochs], final)
+    return model, Trajectory(torch.stack(rows) if rows else final[None], epochs or [cfg.classifier_train.epochs], final)
 
 
 def train_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, device=None, rank: int = 0, world: int = 1,

@@ -7,11 +7,12 @@ resume, guards, logging, evaluation, writing the distilled set.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 
 import torch
 
-from ..config import DistillConfig
+from ..config import DistillConfig, ExpertConfig, to_dict
 from ..errors import LtddError
 from ..synset import SyntheticSet
 
@@ -33,6 +34,55 @@ def make_distiller(cfg: DistillConfig, data, experts_dir=None, device=None) -> "
     return DISTILLERS[cfg.method](cfg, data, experts_dir=experts_dir, device=device or torch.device("cpu"))
 
 
+# DistillConfig fields every method reads; a method adds its own in ``Distiller.READS`` / ``Distiller.reads``
+COMMON_FIELDS = frozenset({"method", "ipc", "seed", "options", "duplicate"})
+# fields of the shared outer loop, read by every iterative method
+LOOP_FIELDS = frozenset({"iterations", "checkpoint_every", "eval_every", "log_every"})
+
+
+def _first_difference(a, b, where: str) -> str | None:
+    """The dotted path of the first value that differs between two plain (to_dict) structures."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if k not in a or k not in b:
+                return f"{where}.{k}"
+            d = _first_difference(a[k], b[k], f"{where}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{where}.{i}")
+            if d:
+                return d
+        return None
+    return None if a == b else where
+
+
+def check_method_config(run_cfg) -> None:
+    """A method's configuration holds only what the method reads: a ``distill`` field the chosen method ignores
+    (set to anything but its default), an unknown ``distill.options`` key, or an ``experts`` section for a method
+    that uses no experts is an error naming the key."""
+    d = run_cfg.distill
+    cls = DISTILLERS.get(d.method)
+    if cls is None:
+        raise LtddError(f"unknown distillation method '{d.method}' (known: {', '.join(sorted(DISTILLERS))})")
+    read = cls.reads(d)
+    default = DistillConfig()
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in read:
+            continue
+        path = _first_difference(to_dict(getattr(default, f.name)), to_dict(getattr(d, f.name)), f"distill.{f.name}")
+        if path:
+            raise LtddError(f"{path} is set, but method '{d.method}' does not read it with these settings; "
+                            f"remove it")
+    cls.check_options(d)
+    if not cls.needs_experts:
+        path = _first_difference(to_dict(ExpertConfig()), to_dict(run_cfg.experts), "experts")
+        if path:
+            raise LtddError(f"{path} is set, but method '{d.method}' uses no expert trajectories; remove it")
+
+
 class DivergenceError(LtddError):
     """The run produced NaN/Inf or an exploding step size; the last good checkpoint is kept."""
 
@@ -40,8 +90,25 @@ class DivergenceError(LtddError):
 class Distiller(ABC):
     method_name = "?"
     needs_experts = False
+    OPTIONS: dict = {}  # the method's ``distill.options`` keys and their defaults
+    READS: frozenset = frozenset()  # DistillConfig fields the method reads beyond COMMON_FIELDS
+
+    @classmethod
+    def reads(cls, cfg: DistillConfig) -> set[str]:
+        """The DistillConfig fields this method reads under ``cfg`` (a method may read some only in some modes)."""
+        return set(COMMON_FIELDS | cls.READS)
+
+    @classmethod
+    def check_options(cls, cfg: DistillConfig) -> dict:
+        """``distill.options`` merged over the method's defaults; an unknown key is an error naming it."""
+        unknown = sorted(set(cfg.options) - set(cls.OPTIONS))
+        if unknown:
+            raise LtddError(f"unknown option distill.options.{unknown[0]} for method '{cls.method_name}' "
+                            f"(known: {', '.join(sorted(cls.OPTIONS)) or 'none'})")
+        return {**cls.OPTIONS, **cfg.options}
 
     def __init__(self, cfg: DistillConfig, data, *, experts_dir=None, device=torch.device("cpu")):
+        self.opts = self.check_options(cfg)
         self.cfg = cfg
         self.data = data
         self.device = device

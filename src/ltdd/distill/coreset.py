@@ -127,11 +127,6 @@ class _Coreset(Distiller):
         super().__init__(cfg, data, experts_dir=experts_dir, device=device)
         if cfg.ipc < 1:
             raise LtddError(f"ipc must be >= 1, got {cfg.ipc}")
-        unknown = sorted(set(cfg.options) - set(self.OPTIONS))
-        if unknown:
-            raise LtddError(f"unknown option distill.options.{unknown[0]} for method '{self.method_name}' "
-                            f"(known: {', '.join(sorted(self.OPTIONS)) or 'none'})")
-        self.opts = {**self.OPTIONS, **cfg.options}
         self.images = self.labels = None
         self.sources: list[int] = []
 

@@ -43,7 +43,7 @@ from ..errors import LtddError
 from ..models import create_model
 from ..synset import SyntheticSet
 from ..train import train_model
-from .base import Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
+from .base import LOOP_FIELDS, Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
 from .init import init_images
 
 __all__ = ["GradientMatching", "DSAGradientMatching", "SyntheticImageDistiller", "gradient_match_distance",
@@ -132,15 +132,16 @@ class SyntheticImageDistiller(Distiller):
     """
 
     OPTIONS: dict = {}
+    READS = LOOP_FIELDS | {"image_init", "lr_img", "momentum_img", "dsa", "dsa_strategy"}
     default_init = "noise"
+
+    @classmethod
+    def reads(cls, cfg: DistillConfig) -> set[str]:
+        out = super().reads(cfg)
+        return out if cfg.dsa else out - {"dsa_strategy"}
 
     def __init__(self, cfg: DistillConfig, data, *, experts_dir=None, device=torch.device("cpu")):
         super().__init__(cfg, data, experts_dir=experts_dir, device=device)
-        unknown = sorted(set(cfg.options) - set(self.OPTIONS))
-        if unknown:
-            raise LtddError(f"unknown option distill.options.{unknown[0]} for method '{self.method_name}' "
-                            f"(known: {', '.join(sorted(self.OPTIONS))})")
-        self.opts = {**self.OPTIONS, **cfg.options}
         self.model_cfg = model_config(self.opts)
         for key in ("batch_real",):
             if key in self.opts and int(self.opts[key]) < 1:
