@@ -66,10 +66,19 @@ def load_checkpoint(path: Path, distiller) -> int:
 
 
 def _truncate_log(path: Path, keep_below: int) -> None:
+    """Keep the log lines of iterations before the checkpoint (``keep_below``); the rest are re-done on resume.
+    A line cut short by a kill (or any line that is not a JSON object) is dropped: it can only be the last line,
+    written after the last checkpoint."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("iteration", -1) < keep_below]
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("iteration", -1) < keep_below:
+            kept.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
