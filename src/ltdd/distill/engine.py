@@ -15,7 +15,7 @@ Gradient modes
 
 ``constant_memory`` (TESLA, lad.md §4.6): a first pass runs the N steps without a graph and keeps only the sum
 G = sum_j g_j plus each step's minibatch indices and augmentation parameters. Since theta_N = theta_0 - alpha G,
-dL/dg_j = -2 alpha m*r / D with r = theta_0 - alpha G - theta_T, the same vector for every step. A second pass
+dL/dg_j = -2 alpha m*r / D with r = (theta_0 - theta_T) - alpha G, the same vector for every step. A second pass
 walks the trajectory again (recomputing theta_j from theta_0 with the detached gradients, so nothing per-step is
 stored), rebuilds each step's gradient g_j with a graph and back-propagates <dL/dg_j, g_j> into that step's images
 and labels. Memory is one step's graph, independent of N.
@@ -56,7 +56,7 @@ from ..models import create_model
 from ..models.convnet import use_double_backward_kernels
 from ..models.functional import ParamLayout, functional_forward
 from ..synset import SyntheticSet
-from .base import Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
+from .base import LOOP_FIELDS, Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller
 from .init import init_images, init_soft_labels
 
 
@@ -91,6 +91,26 @@ def tune_cpu_malloc() -> bool:
 @register_distiller("tm")
 class TrajectoryMatching(Distiller):
     needs_experts = True
+    OPTIONS = {"double_backward_kernels": True, "cpu_malloc_tuning": True, "expert_cache": 32}
+    READS = LOOP_FIELDS | {"phases", "gradient", "lr_img", "lr_lr", "lr_y", "momentum_img", "momentum_lr",
+                           "momentum_y", "lr_init", "lr_min", "lr_explode_factor", "soft_labels", "label_init",
+                           "label_store", "onehot_scale", "image_init", "dsa", "dsa_strategy", "temperature",
+                           "dam_epsilon", "dam_normalise"}
+
+    @classmethod
+    def reads(cls, cfg: DistillConfig) -> set[str]:
+        out = super().reads(cfg)
+        if not cfg.soft_labels:  # fixed hard labels: no label optimiser, no label initialisation
+            out -= {"lr_y", "momentum_y", "label_init", "onehot_scale", "temperature"}
+        elif cfg.label_init != "onehot":
+            out -= {"onehot_scale"}
+        if not (cfg.image_init == "correct" or (cfg.soft_labels and cfg.label_init != "onehot")):
+            out -= {"label_store"}
+        if not any(ph.inner_loss == "dam" for ph in cfg.phases):
+            out -= {"dam_epsilon", "dam_normalise"}
+        if not cfg.dsa:
+            out -= {"dsa_strategy"}
+        return out
 
     def __init__(self, cfg: DistillConfig, data, *, experts_dir=None, device=torch.device("cpu")):
         super().__init__(cfg, data, experts_dir=experts_dir, device=device)
@@ -331,16 +351,24 @@ class TrajectoryMatching(Distiller):
         return self._masked(g, ph.student_update)
 
     def _phase_exact(self, ph, theta0, target, plan, images, soft, alpha):
+        """L_phase, differentiable end to end. The student is tracked as its displacement delta_j = theta_j -
+        theta_0 = -alpha sum_{i<j} g_i, so that the residual theta_N - theta_T = (theta_0 - theta_T) + delta_N is
+        formed from the expert's displacement and not rounded at the scale of the weights themselves."""
         upd, m = ph.student_update, ph.match
-        theta = theta0.detach().clone().requires_grad_(True)
-        start = theta
+        base = theta0.detach()
+        disp = base - target  # theta_0 - theta_T, formed first
+        theta = base.clone().requires_grad_(True)
+        delta = None
         for idx, aug in plan:
             out = functional_forward(self.model, self.layout, theta, self._batch(images, idx, aug))
             loss = self._inner_loss(ph, out, idx, soft)
             g = torch.autograd.grad(loss, theta, create_graph=True)[0]
-            theta = theta - alpha * self._masked(g, upd)
-        num = self._masked(theta - target, m).pow(2).sum()
-        den = self._masked(start.detach() - target, m).pow(2).sum().clamp_min(1e-12)
+            step = alpha * self._masked(g, upd)
+            delta = -step if delta is None else delta - step
+            theta = base + delta  # theta_{j+1}, for the next forward pass
+        resid = disp if delta is None else disp + delta
+        num = self._masked(resid, m).pow(2).sum()
+        den = self._masked(disp, m).pow(2).sum().clamp_min(1e-12)
         return num / den
 
     def _phase_constant_memory(self, ph, theta0, target, plan, images, soft, alpha, weight):
@@ -349,28 +377,33 @@ class TrajectoryMatching(Distiller):
         a = alpha.detach()
         img_d = images.detach()
         soft_d = soft.detach() if soft is not None else None
-        # pass 1: the student trajectory without a graph; only the sum of the step gradients is kept
-        theta = theta0.detach().clone()
-        G = torch.zeros_like(theta)
+        # pass 1: the student trajectory without a graph; only the sum of the step gradients is kept. As in the
+        # exact mode, theta_j = theta_0 + delta_j with delta_j = -alpha sum_{i<j} g_i (the same points).
+        base = theta0.detach()
+        G = torch.zeros_like(base)
+        theta, delta = base.clone(), None
         for idx, aug in plan:
             th = theta.requires_grad_(True)
             g = all_reduce_sum_(self._step_gradient(ph, th, img_d, idx, aug, soft_d, create_graph=False))
             G += g
-            theta = (th - a * g).detach()
-        den = self._masked(theta0 - target, m).pow(2).sum().clamp_min(1e-12)
-        r = self._masked(theta0 - alpha * G - target, m)
+            delta = -a * g if delta is None else delta - a * g
+            theta = base + delta
+        disp = base - target  # theta_0 - theta_T first: r is not rounded at the scale of the weights
+        den = self._masked(disp, m).pow(2).sum().clamp_min(1e-12)
+        r = self._masked(disp - alpha * G, m)
         loss = r.pow(2).sum() / den
         (weight * loss).backward(inputs=[alpha])
         coef = (-2.0 * a * r.detach() / den) * weight  # dL/dg_j, the same for every step
         # pass 2: walk the trajectory again, back-propagating <coef, g_j> into step j's images and labels
-        theta = theta0.detach().clone()
+        theta, delta = base.clone(), None
         inputs = [images] + ([soft] if soft is not None else [])
         for idx, aug in plan:
             th = theta.requires_grad_(True)
             g = self._step_gradient(ph, th, images, idx, aug, soft, create_graph=True)
             (coef * g).sum().backward(inputs=inputs)
             g = all_reduce_sum_(g.detach())  # the full step (all ranks' shares), to walk on
-            theta = (th - a * g).detach()
+            delta = -a * g if delta is None else delta - a * g
+            theta = base + delta
         return loss.detach()
 
     def phase_loss_and_grads(self, ph: PhaseConfig, iteration: int) -> tuple[float, dict]:
