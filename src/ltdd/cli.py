@@ -20,10 +20,19 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(C.to_dict(obj), indent=2))
 
 
-def data_options(f):
+def _data_options(default_text: str):
     """Options that select the data and its long-tailed split (shared by every command that loads data)."""
+
+    def deco(f):
+        return _add_data_options(f, default_text)
+
+    return deco
+
+
+def _add_data_options(f, default_text: str):
     opts = [
-        click.option("--dataset", default=None, help="cifar10 | cifar100 | imagefolder | tiny_imagenet | digits (default: digits)"),
+        click.option("--dataset", default=None,
+                     help=f"cifar10 | cifar100 | imagefolder | tiny_imagenet | digits (default: {default_text})"),
         click.option("--root", default=None, help="dataset folder or archive (.tar/.tar.gz/.zip)"),
         click.option("--imbalance-factor", "imbalance_factor", type=float, default=None, help="n_max / n_min (>= 1)"),
         click.option("--imbalance-ratio", "imbalance_ratio", type=float, default=None, help="alias: 1 / IF"),
@@ -35,6 +44,11 @@ def data_options(f):
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+# commands that build data from scratch, and commands that read it from a distilled set's record
+data_options = _data_options("digits")
+set_data_options = _data_options("the data the distilled set was made from; these options change it")
 
 
 def data_config(base: C.DataConfig | None = None, **kw) -> C.DataConfig:
@@ -158,7 +172,7 @@ def train_cmd(method, model_name, width, epochs, lr, batch_size, crt_epochs, no_
 # ----------------------------------------------------------------------------------------------------------------
 @cli.command("eval")
 @click.argument("distilled", type=click.Path())
-@data_options
+@set_data_options
 @click.option("--protocol", default="lad", help="lad | dc | cpu")
 @click.option("--runs", type=int, default=None)
 @click.option("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""CLI commands of the two-stage paper (two-stage.md §5, §6): ``ltdd groups`` and ``ltdd two-stage``.
+"""CLI commands of the two-stage paper: ``ltdd groups`` (the grouping hypothesis) and ``ltdd two-stage``.
 
 ``register(cli)`` adds both commands to the ``ltdd`` click group. The helpers for data options, data configs and
 JSON printing are imported from :mod:`ltdd.cli` inside :func:`register`, so this module has no import cycle.
@@ -153,7 +153,7 @@ def print_two_stage(res: dict, echo=click.echo) -> None:
 
 def register(cli: click.Group) -> None:
     """Add ``groups`` and ``two-stage`` to the ``ltdd`` command group."""
-    from .cli import _echo_json, _prepare, data_config, data_options
+    from .cli import _echo_json, _prepare, data_config, data_options, set_data_options
 
     @cli.command("groups")
     @data_options
@@ -183,8 +183,8 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def groups_cmd(features_from, probe_per_class, model_epochs, protocol, overrides, k, M, method, min_size, top,
                    distilled, seeds, no_balanced, n_random, perplexity, no_tsne, seed, device, out, as_json, **kw):
-        """The grouping hypothesis (two-stage.md §5): per-class k-means on penultimate features, max-cut partition
-        of the classes, ranked alternatives, stability across training sets, t-SNE."""
+        """The grouping hypothesis: per-class k-means on penultimate features, max-cut partition of the classes
+        into groups, ranked alternatives, stability across training sets, t-SNE."""
         from .grouping import analyse_groups
         from .synset import SyntheticSet
         from .train import resolve_device
@@ -238,7 +238,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("two-stage")
     @click.option("--distilled", required=True, type=click.Path(), help="distilled set (folder or .safetensors)")
-    @data_options
+    @set_data_options
     @click.option("--groups", "groups_text", default=None,
                   help="e.g. '0,1,2,8,9;3,4,5,6,7' (indices or class names); default: max-cut on probe features "
                        "of the first original-flat model")
@@ -260,8 +260,8 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def two_stage_cmd(distilled, groups_text, routing, group_prior_tau, protocol, overrides, runs, rows,
                       probe_per_class, M, seed, device, out, as_json, **kw):
-        """Two-stage classification (two-stage.md §6): group classifier + intra-group classifiers, with the
-        ablation rows of §6.3 and the flat baselines, on the data a distilled set was made from."""
+        """Two-stage classification: a group classifier + intra-group classifiers, with the ablation rows
+        (original/distilled data for each stage) and the flat baselines, on the data a distilled set was made from."""
         from .grouping import _feature_split, class_centroids, class_distance_matrix, embed_features, partition
         from .synset import SyntheticSet
         from .train import resolve_device
