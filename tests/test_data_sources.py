@@ -392,8 +392,8 @@ def test_cache_hit_skips_decoding_and_invalidates_on_change(tmp_path, monkeypatc
         assert z["train_images"].dtype == np.uint8
 
     calls = []
-    real = sources._decode_image
-    monkeypatch.setattr(sources, "_decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sources.images._decode_image  # called by images._decode_splits, so patched where it lives
+    monkeypatch.setattr(sources.images, "_decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = load_source("imagefolder", arch, cache_dir=cache)
     assert calls == []
     np.testing.assert_array_equal(first.train.images, second.train.images)
