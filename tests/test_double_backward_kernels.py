@@ -1,4 +1,4 @@
-"""The hand-written double-backward layers (ltdd.models.convnet.use_double_backward_kernels) against stock PyTorch.
+"""The hand-written double-backward layers (ltdd.models.double_backward) against stock PyTorch.
 
 The trajectory-matching engine swaps these into its student by default, so every derivative the engine takes through
 them (the gradient w.r.t. the weights with ``create_graph=True``, then the gradient of a function of that gradient
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltdd.models import create_model
-from ltdd.models.convnet import (DoubleBackwardAvgPool2d, DoubleBackwardConv2d, DoubleBackwardInstanceNorm2d,
-                                 DoubleBackwardInstanceNorm2dBasic, DoubleBackwardReLU, InstanceNorm2dBasic,
-                                 use_double_backward_kernels)
+from ltdd.models.double_backward import (DoubleBackwardAvgPool2d, DoubleBackwardConv2d, DoubleBackwardInstanceNorm2d,
+                                         DoubleBackwardInstanceNorm2dBasic, DoubleBackwardReLU,
+                                         use_double_backward_kernels)
+from ltdd.models.layers import InstanceNorm2dBasic
 
 
 def _layers():

@@ -53,7 +53,7 @@ from ..errors import LtddError
 from ..experts import Trajectory, TrajectoryStore
 from ..losses import classification_loss, dam_weights, soft_cross_entropy
 from ..models import create_model
-from ..models.convnet import use_double_backward_kernels
+from ..models.double_backward import use_double_backward_kernels
 from ..models.functional import ParamLayout, functional_forward
 from ..synset import SyntheticSet
 from .base import LOOP_FIELDS, Distiller, load_optimiser_tensors, optimiser_tensors, register_distiller

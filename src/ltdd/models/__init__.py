@@ -11,8 +11,9 @@ from ltdd.models.registry import create_model, is_model, list_models, register_m
 from ltdd.models import convnet as _convnet  # noqa: F401  (registers convnet, convnet_d4)
 from ltdd.models import resnet as _resnet  # noqa: F401  (registers resnet18)
 from ltdd.models import vgg as _vgg  # noqa: F401  (registers vgg11, alexnet)
-from ltdd.models.convnet import ConvNet, EmbedClassifier, InstanceNorm2dBasic
+from ltdd.models.convnet import ConvNet
 from ltdd.models.functional import ParamLayout, functional_embed, functional_forward, load_flat
+from ltdd.models.layers import EmbedClassifier, InstanceNorm2dBasic
 from ltdd.models.resnet import ResNet
 from ltdd.models.vgg import VGG, AlexNet
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltdd.errors import LtddError
-from ltdd.models.convnet import EmbedClassifier, make_norm
+from ltdd.models.layers import EmbedClassifier, make_norm
 from ltdd.models.registry import register_model
 
 __all__ = ["BasicBlock", "ResNet", "resnet18"]

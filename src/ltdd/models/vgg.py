@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ltdd.errors import LtddError
-from ltdd.models.convnet import EmbedClassifier, can_pool, make_norm
+from ltdd.models.layers import EmbedClassifier, can_pool, make_norm
 from ltdd.models.registry import register_model
 
 __all__ = ["VGG", "AlexNet", "vgg11", "alexnet", "VGG11_CFG"]
