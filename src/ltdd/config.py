@@ -188,18 +188,23 @@ def apply_overrides(cfg: Any, pairs: list[str] | tuple[str, ...]) -> Any:
     return from_dict(type(cfg), merge(to_dict(cfg), parse_overrides(pairs)))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+def atomic_write_file(path: str | Path, write: typing.Callable[[Path], None]) -> None:
+    """Atomically create ``path`` with ``write(tmp)``, which writes the whole file at the temporary path ``tmp``.
+
+    ``tmp`` is a fresh file in ``path``'s folder (created if missing); it is fsynced and renamed onto ``path``, or
+    removed if anything fails. The one atomic writer of the package: :func:`atomic_write_bytes` uses it, and writers
+    that need a file name (safetensors' ``save_file`` for large tensors) call it directly.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -208,6 +213,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write_file(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

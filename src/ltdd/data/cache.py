@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import atomic_write_file
 from .transforms import Preprocessor
 
 __all__ = ["prepared_key", "prepared_path", "read_prepared", "write_prepared", "prune_prepared", "worth_caching"]
@@ -137,25 +137,12 @@ def write_prepared(path: Path, key: dict, pre: Preprocessor, tensors: dict[str, 
     path = Path(path)
     payload = {f"pre.{k}": v.detach().cpu().contiguous() for k, v in pre.state_dict().items()}
     payload.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(payload, tmp, metadata={"key": _key_json(key), "format": "ltdd-prepared"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+    metadata = {"key": _key_json(key), "format": "ltdd-prepared"}
+    try:  # save_file writes to the file directly (save() to bytes would hold a second copy of every tensor)
+        atomic_write_file(path, lambda tmp: save_file(payload, str(tmp), metadata=metadata))
     except Exception as e:  # noqa: BLE001 - disk full, read-only folder, ...: the cache is only an optimisation
         warnings.warn(f"could not write prepared-data cache {path}: {e}", stacklevel=3)
         return False
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     prune_prepared(path.parent, keep=path)
     return True
 
