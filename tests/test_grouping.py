@@ -307,7 +307,7 @@ def test_analyse_groups_tiny(tmp_path):
 
 def _cli():
     from ltdd.cli import LtddGroup
-    from ltdd.cli_analysis import register
+    from ltdd.cli.analysis_cmds import register
 
     @click.group(cls=LtddGroup)
     def root():

@@ -229,7 +229,7 @@ def test_run_ablation_rows_and_computed_groups(tiny_data):
 
 def _cli():
     from ltdd.cli import LtddGroup
-    from ltdd.cli_analysis import register
+    from ltdd.cli.analysis_cmds import register
 
     @click.group(cls=LtddGroup)
     def root():

@@ -1,4 +1,4 @@
-"""CLI commands of the two-stage paper: ``ltdd groups`` (the grouping hypothesis) and ``ltdd two-stage``.
+"""``ltdd groups`` (the grouping hypothesis) and ``ltdd two-stage``: the two-stage paper's commands.
 
 ``register(cli)`` adds both commands to the ``ltdd`` click group. The helpers for data options, data configs and
 JSON printing are imported from :mod:`ltdd.cli` inside :func:`register`, so this module has no import cycle.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from . import config as C
-from .errors import LtddError
+from .. import config as C
+from ..errors import LtddError
 
 CIFAR10_REFERENCES = {
     # two-stage.md §5.5: the split inferred from the paper's Fig. 2, and the semantic vehicles / animals split
@@ -153,7 +153,7 @@ def print_two_stage(res: dict, echo=click.echo) -> None:
 
 def register(cli: click.Group) -> None:
     """Add ``groups`` and ``two-stage`` to the ``ltdd`` command group."""
-    from .cli import _echo_json, _prepare, data_config, data_options, set_data_options
+    from .common import _echo_json, _prepare, data_config, data_options, set_data_options
 
     @cli.command("groups")
     @data_options
@@ -185,9 +185,9 @@ def register(cli: click.Group) -> None:
                    distilled, seeds, no_balanced, n_random, perplexity, no_tsne, seed, device, out, as_json, **kw):
         """The grouping hypothesis: per-class k-means on penultimate features, max-cut partition of the classes
         into groups, ranked alternatives, stability across training sets, t-SNE."""
-        from .grouping import analyse_groups
-        from .synset import SyntheticSet
-        from .train import resolve_device
+        from ..grouping import analyse_groups
+        from ..synset import SyntheticSet
+        from ..train import resolve_device
 
         syn = SyntheticSet.load(distilled) if distilled else None
         base = None
@@ -262,10 +262,10 @@ def register(cli: click.Group) -> None:
                       probe_per_class, M, seed, device, out, as_json, **kw):
         """Two-stage classification: a group classifier + intra-group classifiers, with the ablation rows
         (original/distilled data for each stage) and the flat baselines, on the data a distilled set was made from."""
-        from .grouping import _feature_split, class_centroids, class_distance_matrix, embed_features, partition
-        from .synset import SyntheticSet
-        from .train import resolve_device
-        from .two_stage import ROWS, parse_groups, run_ablation
+        from ..grouping import _feature_split, class_centroids, class_distance_matrix, embed_features, partition
+        from ..synset import SyntheticSet
+        from ..train import resolve_device
+        from ..two_stage import ROWS, parse_groups, run_ablation
 
         syn = SyntheticSet.load(distilled)
         base = C.from_dict(C.DataConfig, syn.meta["data"]) if isinstance(syn.meta.get("data"), dict) else None

@@ -1,0 +1,5 @@
+"""``python -m ltdd.cli``: the ``ltdd`` command."""
+
+from . import main
+
+main()
