@@ -34,7 +34,9 @@ __all__ = [
     "TwoStageClassifier",
     "train_two_stage",
     "evaluate_two_stage",
+    "metrics_from_outputs",
     "flat_metrics",
+    "flat_metrics_from_logits",
     "run_ablation",
     "parse_groups",
     "ROWS",
@@ -321,8 +323,16 @@ def evaluate_two_stage(clf: TwoStageClassifier, data, routing: str = "hard", gro
     images), ``train_images``, ``routing``, ``group_prior_tau``, ``group_recall`` (per group). ``variants``: also
     the accuracy of the same networks under hard and soft routing with tau = 0 and with the given tau (or 1):
     ``acc_hard``, ``acc_soft``, ``acc_hard_tau1``, ... (one forward pass serves them all)."""
-    x, y = data.test_x, data.test_y
-    z, local = clf.raw_outputs(x)
+    z, local = clf.raw_outputs(data.test_x)
+    return metrics_from_outputs(clf, data, z, local, routing, group_prior_tau, group_priors, train_images, variants)
+
+
+def metrics_from_outputs(clf: TwoStageClassifier, data, z: torch.Tensor, local: list[torch.Tensor],
+                         routing: str = "hard", group_prior_tau: float = 0.0, group_priors=None,
+                         train_images: int | None = None, variants: bool = False) -> Metrics:
+    """:func:`evaluate_two_stage` from the networks' test-set outputs (:meth:`TwoStageClassifier.raw_outputs`:
+    group logits ``z`` and per-group ``log p(y | x, g)``), e.g. logits stored when the networks were trained."""
+    y = data.test_y
     pred = clf.predict_from(z, local, routing, group_prior_tau, group_priors)
     m = Metrics.from_predictions(y.numpy(), pred.numpy(), data.num_classes, data.groups)
     gtrue = torch.from_numpy(clf.group_of)[y]
@@ -351,8 +361,13 @@ def evaluate_two_stage(clf: TwoStageClassifier, data, routing: str = "hard", gro
 def flat_metrics(model: nn.Module, data, groups=None, train_images: int | None = None) -> Metrics:
     """Test-set metrics of a flat classifier; with ``groups``, ``extra['group_accuracy']`` is the share of test
     images whose predicted class lies in the true class's group (comparable with the two-stage rows)."""
+    return flat_metrics_from_logits(_logits(model, data.test_x), data, groups, train_images)
+
+
+def flat_metrics_from_logits(logits: torch.Tensor, data, groups=None, train_images: int | None = None) -> Metrics:
+    """:func:`flat_metrics` from the classifier's test-set logits."""
     y = data.test_y
-    pred = _logits(model, data.test_x).argmax(1)
+    pred = logits.argmax(1)
     m = Metrics.from_predictions(y.numpy(), pred.numpy(), data.num_classes, data.groups)
     if groups is not None:
         gof = torch.from_numpy(groups_to_labels(groups, data.num_classes))
