@@ -37,7 +37,7 @@ from ltdd.distill.engine import TrajectoryMatching
 from ltdd.experts import Trajectory, TrajectoryStore
 from ltdd.models import create_model
 
-RTOL = 1e-10  # float64 engine vs float64 reference (max-norm relative)
+RTOL = 1e-10  # float64 engine vs float64 reference (max-norm relative; measured <= 2e-15)
 REP_T, CLS_T, M = 1, 0, 2  # start epochs forced by the phases' windows; expert epochs
 
 
@@ -228,11 +228,12 @@ def _assert_same(engine_out, ref_out, rtol=RTOL):
     assert _rel(ga_e, ga_r) <= rtol, (float(ga_e), float(ga_r))
 
 
-def _differs(engine_out, ref_out, at_least=1e-3):
-    """The engine is far from this (wrong) reference: in the image gradient, alpha gradient and loss."""
+def _differs(engine_out, ref_out):
+    """The engine is far from this (wrong) reference, compared with RTOL = 1e-10: the image and alpha gradients by
+    more than 1e-3 and the loss by more than 1e-6 (relative)."""
     (le, gi_e, _, ga_e), (lr_, gi_r, _, ga_r) = engine_out, ref_out
-    return (_rel(gi_e, gi_r) > at_least and _rel(ga_e, ga_r) > at_least
-            and max(abs(a - float(b)) / abs(float(b)) for a, b in zip(le, lr_)) > at_least)
+    return (_rel(gi_e, gi_r) > 1e-3 and _rel(ga_e, ga_r) > 1e-3
+            and max(abs(a - float(b)) / abs(float(b)) for a, b in zip(le, lr_)) > 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +243,11 @@ def data():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data):
-    # one expert per kind: the engine's expert draw is forced
-    return make_store(tmp_path_factory.mktemp("lad_ref") / "experts", data, epochs=4, n_experts=1)
+    # one expert per kind: the engine's expert draw is forced. make_store starts from a fresh model's random
+    # init: seed it, so that the problem does not depend on which tests ran before (-k)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return make_store(tmp_path_factory.mktemp("lad_ref") / "experts", data, epochs=4, n_experts=1)
 
 
 @pytest.fixture(autouse=True)
@@ -381,7 +385,7 @@ def test_constant_memory_is_the_frozen_trajectory_reference(store, data, case):
     # the loss is the exact one; the image gradient is not (N = 3 > 1: the dropped terms are visible)
     exact = p.grads(specs)
     assert abs(out[0][0] - float(exact[0][0])) <= RTOL * float(exact[0][0])
-    assert _rel(out[1], exact[1]) > 1e-4
+    assert _rel(out[1], exact[1]) > 1e-3
 
 
 @pytest.mark.parametrize("case", sorted(CM_CASES))
