@@ -250,7 +250,6 @@ def test_models_lists_convnet():
 # ----------------------------------------------------------------------------------------------------------------
 # ltdd export (runs once the command is registered in ltdd.cli)
 
-needs_export = pytest.mark.skipif("export" not in cli.commands, reason="`ltdd export` is not registered yet")
 
 
 def _digits_set(tmp_path, split_sha=None, soft=False):
@@ -266,7 +265,6 @@ def _digits_set(tmp_path, split_sha=None, soft=False):
     return syn.save(tmp_path / "set"), data, idx
 
 
-@needs_export
 def test_export_imagefolder_un_whitens(tmp_path):
     path, data, idx = _digits_set(tmp_path)
     out = tmp_path / "png"
@@ -278,7 +276,6 @@ def test_export_imagefolder_un_whitens(tmp_path):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
-@needs_export
 def test_export_ddranking(tmp_path):
     path, _, _ = _digits_set(tmp_path, soft=True)
     res = invoke("export", path, "--format", "ddranking", "--out", tmp_path / "dd")
@@ -288,7 +285,6 @@ def test_export_ddranking(tmp_path):
     assert torch.load(tmp_path / "dd" / "lr.pt", weights_only=True).item() == pytest.approx(0.02)
 
 
-@needs_export
 def test_export_user_errors(tmp_path):
     path, _, _ = _digits_set(tmp_path, split_sha="0" * 16)
     assert_user_error(invoke("export", path, "--format", "imagefolder", "--out", tmp_path / "o"), "split")

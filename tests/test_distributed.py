@@ -73,9 +73,9 @@ def _eval_worker(rank, world, port, out):
 
 
 def _expert_cfg() -> ExpertConfig:
-    return ExpertConfig(model=TINY_MODEL, num_experts=3, epochs=2, classifier_epochs=1,
-                        train=TrainConfig(lr=0.01, momentum=0.0, batch_size=8, dsa=False, schedule="constant"),
-                        classifier_train=TrainConfig(lr=0.01, momentum=0.0, batch_size=8, dsa=False,
+    return ExpertConfig(model=TINY_MODEL, num_experts=3,
+                        train=TrainConfig(epochs=2, lr=0.01, momentum=0.0, batch_size=8, dsa=False, schedule="constant"),
+                        classifier_train=TrainConfig(epochs=1, lr=0.01, momentum=0.0, batch_size=8, dsa=False,
                                                      sampler="class_aware", trainable="classifier"))
 
 
