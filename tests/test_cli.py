@@ -248,7 +248,7 @@ def test_models_lists_convnet():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ltdd export (runs once the command is registered in ltdd.cli)
+# ltdd export
 
 
 
