@@ -12,12 +12,13 @@ partition of the classes into groups. Pieces, each usable alone:
 * :mod:`.stability`: :func:`partition_stability`: pairwise adjusted Rand index between partitions from models
   trained on different data, against a random-partition control with the same group sizes (an empirical p-value).
 * :mod:`.tsne`: :func:`tsne_plot`: t-SNE of features with the k-means centres embedded jointly.
-* :mod:`.analysis`: :func:`analyse_groups`, the whole analysis, returning a JSON-able dict (features from the
-  held-out probe split by default; ``features_from="test"`` reproduces the paper and is flagged as such).
+* :mod:`.analysis`: :func:`grouping_of`, the groups one trained model gives; :func:`analyse_groups`, the whole
+  analysis, returning a JSON-able dict (features from the held-out probe split by default;
+  ``features_from="test"`` reproduces the paper and is flagged as such).
 """
 
 from .analysis import _feature_split  # noqa: F401  (used by the groups CLI and benchmarks/two_stage_table.py)
-from .analysis import TEST_SPLIT_WARNING, analyse_groups
+from .analysis import TEST_SPLIT_WARNING, analyse_groups, grouping_of
 from .features import class_centroids, class_distance_closed_form, class_distance_matrix, embed_features
 from .groups import check_groups, error_structure, group_summary, groups_to_labels
 from .partitions import (
@@ -51,6 +52,7 @@ __all__ = [
     "error_structure",
     "tsne_plot",
     "analyse_groups",
+    "grouping_of",
     "EXHAUSTIVE_MAX_CLASSES",
     "TEST_SPLIT_WARNING",
 ]

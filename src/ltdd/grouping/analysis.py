@@ -19,7 +19,7 @@ from .partitions import EXHAUSTIVE_MAX_CLASSES, bipartition_rank, partition
 from .stability import partition_stability
 from .tsne import tsne_plot
 
-__all__ = ["analyse_groups", "TEST_SPLIT_WARNING"]
+__all__ = ["analyse_groups", "grouping_of", "TEST_SPLIT_WARNING"]
 
 TEST_SPLIT_WARNING = ("FEATURES FROM THE TEST SPLIT: the grouping is computed on test images, so the test set leaks "
                       "into the method design (as in the paper). Use the probe split for a clean result.")
@@ -75,6 +75,38 @@ def _grouping_of(model, x, y, data, *, k, M, method, min_size, top, seed) -> dic
 
 def _names(groups, class_names) -> list[list[str]]:
     return [[str(class_names[c]) for c in g] for g in groups]
+
+
+def _reference_ranks(D, references: dict, data, min_size: int) -> dict:
+    """Where each reference split ``{name: groups}`` ranks among all two-way splits of ``D``."""
+    out = {}
+    for rname, rg in references.items():
+        rg = _canonical(check_groups(rg, data.num_classes))
+        out[rname] = {"groups": rg, "group_names": _names(rg, data.class_names),
+                      **bipartition_rank(D, rg, min_size=min_size)}
+    return out
+
+
+def grouping_of(model: torch.nn.Module, data, *, features_from: str = "probe", k: int = 2, M: int = 5,
+                method: str = "auto", min_size: int = 1, top: int = 5, seed: int = 0,
+                references: dict | None = None) -> dict:
+    """The groups one trained model gives, as a JSON-able dict: embed the feature split, per-class k-means with
+    ``M`` centres, the class distance matrix, the partition into ``k`` groups with ranked alternatives, the rank
+    of each ``references`` split (two groups only) and the groups' sizes and priors on the training set."""
+    x, y, info = _feature_split(data, features_from, M)
+    cents = class_centroids(embed_features(model, x), y.numpy(), data.num_classes, M=M, seed=seed)
+    D = class_distance_matrix(cents)
+    part = partition(D, k, method, min_size=min_size, top=top, seed=seed)
+    groups = part["groups"]
+    two_way = len(groups) == 2 and data.num_classes <= EXHAUSTIVE_MAX_CLASSES
+    return {"groups": groups, "group_names": _names(groups, data.class_names), "cut": part["cut"],
+            "method": part["method"], "M": int(M), "features_split": info["split"],
+            **({"probe_counts": info["probe_counts"], "supplemented_from_train": info["supplemented_from_train"]}
+               if features_from == "probe" else {}),
+            "alternatives": [{**a, "group_names": _names(a["groups"], data.class_names)} for a in part["alternatives"]],
+            "references": _reference_ranks(D, references, data, min_size) if references and two_way else {},
+            "distance_matrix": D.tolist(),
+            "group_summary": group_summary(groups, data.train_counts, data.class_names)}
 
 
 def analyse_groups(data, *, model: torch.nn.Module | None = None, model_cfg=None, train_cfg=None,
@@ -167,12 +199,7 @@ def analyse_groups(data, *, model: torch.nn.Module | None = None, model_cfg=None
         "train_config": dataclasses.asdict(train_cfg),
     }
     if references and len(groups) == 2 and data.num_classes <= EXHAUSTIVE_MAX_CLASSES:
-        result["references"] = {}
-        for rname, rg in references.items():
-            rg = check_groups(rg, data.num_classes)
-            result["references"][rname] = {"groups": _canonical(rg), "group_names": _names(_canonical(rg),
-                                                                                          data.class_names),
-                                           **bipartition_rank(main["D"], rg, min_size=min_size)}
+        result["references"] = _reference_ranks(main["D"], references, data, min_size)
     result["models"] = {name: {"train_images": r["train_images"], "groups": r["partition"]["groups"],
                                "group_names": _names(r["partition"]["groups"], data.class_names),
                                "cut": r["partition"]["cut"], "accuracy_on_features_split": r["accuracy"],
