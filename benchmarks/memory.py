@@ -70,7 +70,11 @@ def child(args) -> None:
     device = torch.device(args.device)
     ipc = args.batch // args.classes
     data = make_data(args.classes, ipc)
-    opts = {"cpu_malloc_tuning": not args.no_malloc_tuning, "double_backward_kernels": not args.stock_kernels}
+    if not args.no_malloc_tuning:
+        from ltdd.runtime import tune_cpu_malloc
+
+        tune_cpu_malloc()  # what every ltdd command applies (process-wide)
+    opts = {"double_backward_kernels": not args.stock_kernels}
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp) / "experts", data, model_config(args.width, args.depth, "instancenorm", None))
         eng = make_engine(store, data, mode=args.mode, steps=args.n, ipc=ipc, device=device, options=opts)
@@ -126,7 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated gradient modes")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the children")
     ap.add_argument("--stock-kernels", action="store_true", help="engine option double_backward_kernels=False")
-    ap.add_argument("--no-malloc-tuning", action="store_true", help="engine option cpu_malloc_tuning=False")
+    ap.add_argument("--no-malloc-tuning", action="store_true", help="skip ltdd.runtime.tune_cpu_malloc")
     ap.add_argument("--max-fraction", type=float, default=0.5,
                     help="skip a configuration whose extrapolated need exceeds this fraction of MemAvailable")
     ap.add_argument("--out", default="benchmarks/results/memory.md", help="markdown report ('' to skip)")
@@ -199,7 +203,7 @@ def main(argv=None) -> None:
     setup = (f"ConvNet-{args.depth}, width {args.width}, instance norm, 32x32x3, {args.classes} classes, "
              f"{args.batch} synthetic images (IPC {args.batch // args.classes}), every image in every student step, "
              f"no DSA, soft labels; engine options: double_backward_kernels={not args.stock_kernels}, "
-             f"cpu_malloc_tuning={not args.no_malloc_tuning}; measured: {any_res.get('method', 'n/a')}")
+             f"malloc tuning={not args.no_malloc_tuning}; measured: {any_res.get('method', 'n/a')}")
     print()
     print(setup)
     print(table)

@@ -39,6 +39,7 @@ from torch import nn
 
 from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
 from ltdd.config import DistillConfig, ExpertConfig, ModelConfig, PhaseConfig, TrainConfig
+from ltdd.runtime import tune_cpu_malloc
 from ltdd.distill.engine import TrajectoryMatching
 from ltdd.experts import Trajectory, TrajectoryStore
 from ltdd.models import create_model
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--compare-stock", action="store_true",
                     help="also time every mode with double_backward_kernels=False, in the same rounds")
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="engine option cpu_malloc_tuning=False (glibc's default mmap/trim behaviour)")
+                    help="skip ltdd.runtime.tune_cpu_malloc (glibc's default mmap/trim behaviour)")
     ap.add_argument("--out", default="benchmarks/results/step_cost.md", help="markdown report ('' to skip)")
     ap.add_argument("--append", action="store_true", help="append a section to --out instead of replacing it")
     args = ap.parse_args(argv)
@@ -198,7 +199,9 @@ def main(argv=None) -> dict:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m} (known: {', '.join(MODES)})")
     torch.manual_seed(0)
-    base_opts = {"double_backward_kernels": not args.stock_kernels, "cpu_malloc_tuning": not args.no_malloc_tuning}
+    if not args.no_malloc_tuning:
+        tune_cpu_malloc()  # what every ltdd command applies (process-wide)
+    base_opts = {"double_backward_kernels": not args.stock_kernels}
     variants = [(m, m, base_opts) for m in modes]
     if args.compare_stock and not args.stock_kernels:
         variants += [(f"{m}, stock kernels", m, {**base_opts, "double_backward_kernels": False}) for m in modes]

@@ -261,3 +261,19 @@ def test_store_mismatch_is_refused(tmp_path, tiny_store, tiny_data):
     other.name = "other"
     with pytest.raises(LtddError, match="different data"):
         _engine(tiny_store, other)
+
+
+@pytest.mark.parametrize("inner,soft", [("ce", True), ("soft_ce", False)])
+def test_inner_loss_must_fit_the_label_kind(tiny_store, tiny_data, inner, soft):
+    """Hard CE on a set that learns soft labels would never update them; soft CE without soft labels has none."""
+    ph = PhaseConfig(max_start_epoch=2, syn_steps=1, inner_loss=inner)
+    cfg = DistillConfig(ipc=1, phases=[ph], image_init="real", label_init="onehot", soft_labels=soft)
+    with pytest.raises(LtddError, match="inner_loss"):
+        TrajectoryMatching(cfg, tiny_data, experts_dir=tiny_store.root)
+
+
+def test_an_expert_that_does_not_move_is_an_error(tiny_store, tiny_data):
+    eng = _to_double(_engine(tiny_store, tiny_data, steps=1))
+    ph, th0, _, plan = _fixed(eng)
+    with pytest.raises(LtddError, match="does not move"):
+        eng._phase_exact(ph, th0, th0.clone(), plan, eng.images, eng.soft, eng.lr)

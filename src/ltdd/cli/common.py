@@ -92,6 +92,9 @@ class LtddGroup(click.Group):
 @click.version_option(package_name="ltdd")
 def cli():
     """ltdd: dataset distillation on long-tailed image data (LAD, DATM, MTT, DC, DM, coresets, two-stage)."""
+    from ..runtime import configure_process
+
+    configure_process()  # once, for every command (CPU malloc tuning; LTDD_MALLOC_TUNING=0 turns it off)
 
 
 def preset_options(f):

@@ -28,21 +28,16 @@ detached). For N = 1 both modes are identical; for N > 1 the image gradient is a
 Speed (``benchmarks/step_cost.py``)
 -----------------------------------
 Both modes differentiate the network's backward pass. The engine therefore swaps its own model's layers for
-variants with hand-written second derivatives (:func:`ltdd.models.convnet.use_double_backward_kernels`; same
-parameters and outputs; option ``double_backward_kernels``, default on), and skips the mask multiplies when a mask
-selects every coordinate. On CPU with glibc it also stops malloc from returning large freed blocks to the operating
-system (option ``cpu_malloc_tuning``, default on; process-wide, see :func:`tune_cpu_malloc`): by default every
-tensor above 32 MiB is a fresh ``mmap`` whose pages are faulted in and zeroed on first touch, which made a 50 MB
-activation's elementwise op several times slower than its arithmetic.
+variants with hand-written second derivatives (:func:`ltdd.models.double_backward.use_double_backward_kernels`;
+same parameters and outputs; option ``double_backward_kernels``, default on), and skips the mask multiplies when a
+mask selects every coordinate. On CPU the process-wide malloc tuning of :mod:`ltdd.runtime` matters a lot (every
+``ltdd`` command applies it; library users call :func:`ltdd.runtime.tune_cpu_malloc`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import random
-import sys
 from collections import OrderedDict
 
 import torch
@@ -60,38 +55,10 @@ from .base import LOOP_FIELDS, Distiller, load_optimiser_tensors, optimiser_tens
 from .init import init_images, init_soft_labels
 
 
-_MALLOC_TUNED = False
-
-
-def tune_cpu_malloc() -> bool:
-    """glibc: allocate large blocks from the heap instead of fresh ``mmap``s and never give freed heap memory back
-    to the operating system (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``), so that the large
-    tensors of every inner step reuse pages that are already mapped instead of faulting in and zeroing new ones.
-
-    Process-wide and permanent for this process, like a caching allocator: the peak is unchanged, but the
-    process's resident memory stays at its peak. Returns whether it was applied (False on non-glibc platforms).
-    The same effect without code: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _MALLOC_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
-    return _MALLOC_TUNED
-
-
 @register_distiller("tm")
 class TrajectoryMatching(Distiller):
     needs_experts = True
-    OPTIONS = {"double_backward_kernels": True, "cpu_malloc_tuning": True, "expert_cache": 32}
+    OPTIONS = {"double_backward_kernels": True, "expert_cache": 32}
     READS = LOOP_FIELDS | {"phases", "gradient", "lr_img", "lr_lr", "lr_y", "momentum_img", "momentum_lr",
                            "momentum_y", "lr_init", "lr_min", "lr_explode_factor", "soft_labels", "label_init",
                            "label_store", "onehot_scale", "image_init", "dsa", "dsa_strategy", "temperature",
@@ -129,8 +96,6 @@ class TrajectoryMatching(Distiller):
                                   **self.model_cfg.args).to(device)
         if cfg.options.get("double_backward_kernels", True):
             use_double_backward_kernels(self.model)  # same parameters and outputs, cheaper second derivatives
-        if torch.device(device).type == "cpu" and cfg.options.get("cpu_malloc_tuning", True):
-            tune_cpu_malloc()
         self.layout = ParamLayout(self.model)
         self.store.check(self.model_cfg, data, self.layout)
         self.masks = {k: self.layout.mask(k).to(device=device, dtype=torch.float32)
@@ -167,6 +132,13 @@ class TrajectoryMatching(Distiller):
             if getattr(ph, field) not in allowed:
                 raise LtddError(f"phase '{ph.name}': unknown {field} '{getattr(ph, field)}' "
                                 f"(known: {', '.join(allowed)})")
+        if ph.inner_loss == "ce" and self.cfg.soft_labels:
+            raise LtddError(f"phase '{ph.name}': inner_loss 'ce' trains on hard labels, but the set learns soft "
+                            "labels (distill.soft_labels: true) that would then never be updated; use soft_ce or "
+                            "dam, or set distill.soft_labels: false")
+        if ph.inner_loss == "soft_ce" and not self.cfg.soft_labels:
+            raise LtddError(f"phase '{ph.name}': inner_loss 'soft_ce' needs soft labels (distill.soft_labels: true); "
+                            "with hard labels use ce (or dam for the class-frequency-weighted loss)")
         if ph.syn_steps < 1 or ph.expert_epochs < 1:
             raise LtddError(f"phase '{ph.name}': syn_steps and expert_epochs must be >= 1")
         if ph.max_start_epoch <= ph.min_start_epoch:
@@ -350,6 +322,15 @@ class TrajectoryMatching(Distiller):
         g = torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
         return self._masked(g, ph.student_update)
 
+    def _expert_distance(self, ph, disp: torch.Tensor) -> torch.Tensor:
+        """The normaliser ||m * (theta*_t - theta*_{t+M})||^2; an expert that did not move there is an error."""
+        den = self._masked(disp, ph.match).pow(2).sum()
+        if not float(den) > 0:
+            raise LtddError(f"phase '{ph.name}': the {ph.store} expert does not move on the matched coordinates "
+                            f"({ph.match}) between the start epoch and {ph.expert_epochs} epochs later; the matching "
+                            "loss is undefined (check the expert store and the phase's start window)")
+        return den
+
     def _phase_exact(self, ph, theta0, target, plan, images, soft, alpha):
         """L_phase, differentiable end to end. The student is tracked as its displacement delta_j = theta_j -
         theta_0 = -alpha sum_{i<j} g_i, so that the residual theta_N - theta_T = (theta_0 - theta_T) + delta_N is
@@ -368,12 +349,12 @@ class TrajectoryMatching(Distiller):
             theta = base + delta  # theta_{j+1}, for the next forward pass
         resid = disp if delta is None else disp + delta
         num = self._masked(resid, m).pow(2).sum()
-        den = self._masked(disp, m).pow(2).sum().clamp_min(1e-12)
+        den = self._expert_distance(ph, disp)
         return num / den
 
     def _phase_constant_memory(self, ph, theta0, target, plan, images, soft, alpha, weight):
         """Returns the (detached) phase loss and accumulates weight * dL/d(images, soft, alpha) into .grad."""
-        upd, m = ph.student_update, ph.match
+        m = ph.match
         a = alpha.detach()
         img_d = images.detach()
         soft_d = soft.detach() if soft is not None else None
@@ -389,7 +370,7 @@ class TrajectoryMatching(Distiller):
             delta = -a * g if delta is None else delta - a * g
             theta = base + delta
         disp = base - target  # theta_0 - theta_T first: r is not rounded at the scale of the weights
-        den = self._masked(disp, m).pow(2).sum().clamp_min(1e-12)
+        den = self._expert_distance(ph, disp)
         r = self._masked(disp - alpha * G, m)
         loss = r.pow(2).sum() / den
         (weight * loss).backward(inputs=[alpha])
@@ -460,8 +441,9 @@ class TrajectoryMatching(Distiller):
             t = self.py_rng.randrange(ph.min_start_epoch, self.start_epoch_bound(ph, iteration))
             traj = self._trajectory(kind, expert)
             plan = self._plan(ph)
-            total = total + ph.weight * self._phase_exact(ph, traj.at(t).to(self.device),
-                                                          traj.at(t + ph.expert_epochs).to(self.device), plan,
+            dtype = self.images.dtype
+            total = total + ph.weight * self._phase_exact(ph, traj.at(t).to(self.device, dtype),
+                                                          traj.at(t + ph.expert_epochs).to(self.device, dtype), plan,
                                                           self.images, self.soft, self.lr)
         return total
 
