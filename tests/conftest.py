@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
 
-import numpy as np
 import pytest
 import torch
 
 from ltdd.config import ExpertConfig, ModelConfig, TrainConfig
+from ltdd.data import PreparedData
 from ltdd.experts import TrajectoryStore, Trajectory
 from ltdd.models import create_model
 from ltdd.models.functional import ParamLayout
@@ -41,11 +40,10 @@ def make_tiny_data(num_classes=3, counts=(12, 6, 3), im=8, channels=1, seed=0):
     xs = means[ys] + 0.5 * torch.randn(len(ys), channels, im, im, generator=g)
     ty = torch.arange(num_classes).repeat_interleave(5)
     tx = means[ty] + 0.5 * torch.randn(len(ty), channels, im, im, generator=g)
-    return types.SimpleNamespace(
-        name="tiny", class_names=[f"c{i}" for i in range(num_classes)], num_classes=num_classes, channels=channels,
-        im_size=(im, im), train_x=xs, train_y=ys, test_x=tx, test_y=ty, train_counts=list(counts),
-        test_counts=[5] * num_classes, split=types.SimpleNamespace(indices=np.arange(len(ys))),
-        preprocessor=_Identity(), groups={"head": [0], "medium": [1], "tail": [2]})
+    data = PreparedData.from_tensors(xs, ys, tx, ty, name="tiny", class_names=[f"c{i}" for i in range(num_classes)],
+                                     num_classes=num_classes, preprocessor=_Identity())
+    data.groups = {"head": [0], "medium": [1], "tail": [2]}
+    return data
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ def digits_set(tmp_path_factory):
     """A small set cut from the prepared digits split, saved with the metadata a distillation run writes."""
     from ltdd.config import DataConfig, to_dict
     from ltdd.data import prepare_data
-    from ltdd.distill.run import _split_sha
+    from ltdd.data.fingerprint import split_sha as _split_sha
 
     root = tmp_path_factory.mktemp("digits_set")
     with pytest.MonkeyPatch.context() as patch:

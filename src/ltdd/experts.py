@@ -16,21 +16,19 @@ exclusive lock file, so no two processes write the same file).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from .config import ExpertConfig, atomic_write_bytes, atomic_write_text, read_jsonl, to_dict
+from .data.fingerprint import check_compatible, fingerprint
 from .errors import LtddError
 from .locks import lock_is_stale, try_lock, unlock
 from .models import create_model
@@ -41,11 +39,9 @@ KINDS = ("representation", "classifier")
 
 
 def data_fingerprint(data) -> dict:
-    """What an expert store must agree with: dataset, split indices, preprocessing."""
-    h = hashlib.sha256(np.ascontiguousarray(data.split.indices).tobytes()).hexdigest()[:16]
-    return {"dataset": data.name, "num_classes": data.num_classes, "channels": data.channels,
-            "im_size": list(data.im_size), "num_train": int(len(data.train_y)), "split_sha": h,
-            "train_counts": list(map(int, data.train_counts))}
+    """What an expert store must agree with: dataset, split indices, preprocessing (:func:`ltdd.data.fingerprint.
+    fingerprint`)."""
+    return fingerprint(data)
 
 
 @dataclass
@@ -116,12 +112,7 @@ class TrajectoryStore:
 
     def check(self, model_cfg, data, layout: ParamLayout | None = None) -> dict:
         meta = self.meta()
-        want = data_fingerprint(data)
-        have = meta.get("data", {})
-        for key in ("dataset", "num_classes", "channels", "im_size", "num_train", "split_sha"):
-            if have.get(key) != want[key]:
-                raise LtddError(f"expert store {self.root} was trained on different data ({key}: {have.get(key)} "
-                                f"vs {want[key]}); use a store made for this split")
+        check_compatible(meta.get("data", {}), data, f"expert store {self.root}")
         if model_cfg is not None and meta.get("model") != to_dict(model_cfg):
             raise LtddError(f"expert store {self.root} holds model {meta.get('model')}, not {to_dict(model_cfg)}")
         if layout is not None and meta.get("param_names") != layout.names:

@@ -53,6 +53,33 @@ class SyntheticSet:
         atomic_write_bytes(path, st_save(tensors, metadata={"ltdd": json.dumps(self.meta, default=str)}))
         return path
 
+    def check_compatible(self, data, what: str = "the distilled set") -> None:
+        """The contract between a set and the data it is used with (evaluation, export, grouping, two-stage): the same
+        dataset, split and preprocessing as recorded when it was made, images of the data's shape and labels within
+        its classes. Raises a one-line :class:`LtddError` naming what differs."""
+        from .data.fingerprint import check_compatible
+
+        recorded = dict(self.meta.get("fingerprint") or {})
+        if not recorded:  # sets written before the fingerprint: what they recorded
+            if self.meta.get("dataset"):
+                recorded["dataset"] = self.meta["dataset"]
+            if self.meta.get("split_sha"):
+                recorded["split_sha"] = self.meta["split_sha"]
+            if isinstance(self.meta.get("preprocessor"), dict) and self.meta["preprocessor"]:
+                from .data.fingerprint import digest
+
+                recorded["preprocessing"] = digest(self.meta["preprocessor"])
+        check_compatible(recorded, data, what)
+        if tuple(self.images.shape[1:]) != (data.channels, *data.im_size):
+            raise LtddError(f"{what}: images have shape {tuple(self.images.shape)}, expected (N, {data.channels}, "
+                            f"{data.im_size[0]}, {data.im_size[1]}) for {data.name}")
+        if len(self.labels) and (int(self.labels.max()) >= data.num_classes or int(self.labels.min()) < 0):
+            raise LtddError(f"{what}: labels go up to {int(self.labels.max())} (lowest {int(self.labels.min())}), "
+                            f"but {data.name} has {data.num_classes} classes")
+        if self.soft_labels is not None and self.soft_labels.shape[1] != data.num_classes:
+            raise LtddError(f"{what} has soft labels over {self.soft_labels.shape[1]} classes, the data "
+                            f"{data.num_classes}")
+
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":
         path = Path(path)

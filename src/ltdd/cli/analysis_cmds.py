@@ -205,12 +205,7 @@ def register(cli: click.Group) -> None:
         data = _prepare(cfg)
         training_sets = {}
         if syn is not None:
-            if tuple(syn.images.shape[1:]) != (data.channels, *data.im_size):
-                raise LtddError(f"distilled images have shape {tuple(syn.images.shape[1:])}, expected "
-                                f"{(data.channels, *data.im_size)} for {data.name}")
-            if int(syn.labels.max()) >= data.num_classes or int(syn.labels.min()) < 0:
-                raise LtddError(f"distilled labels go up to {int(syn.labels.max())}, but {data.name} has "
-                                f"{data.num_classes} classes")
+            syn.check_compatible(data, str(distilled))
             training_sets["distilled"] = (syn.images, syn.soft_labels.float() if syn.soft_labels is not None
                                           else syn.labels)
         say = (lambda s: None) if as_json else (lambda s: click.echo(f"... {s}", err=True))
@@ -284,6 +279,7 @@ def register(cli: click.Group) -> None:
             raise LtddError(f"--runs must be >= 1, got {n_runs}")
         dev = resolve_device(device)
         data = _prepare(cfg)
+        syn.check_compatible(data, str(distilled))
         groups = parse_groups(groups_text, data.num_classes, data.class_names) if groups_text is not None else None
         grouping: dict = {}
 

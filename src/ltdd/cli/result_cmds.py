@@ -35,6 +35,7 @@ def eval_cmd(distilled, protocol, runs, seed, device, overrides, out, as_json, *
     with dist_context() as (rank, world):  # under torchrun the protocol's runs are spread over the ranks
         dev = local_device(resolve_device(device), rank)
         data = _prepare(cfg)
+        syn.check_compatible(data, str(distilled))
         result = _eval_body(syn, data, proto, protocol, dev, seed, runs, as_json, distilled, out, rank)
     if rank == 0:
         _print_eval(result, protocol, as_json)
@@ -43,9 +44,6 @@ def eval_cmd(distilled, protocol, runs, seed, device, overrides, out, as_json, *
 def _eval_body(syn, data, proto, protocol, dev, seed, runs, as_json, distilled, out, rank):
     from ..evaluate import run_protocol
 
-    if int(syn.labels.max()) >= data.num_classes or int(syn.labels.min()) < 0:
-        raise LtddError(f"distilled labels go up to {int(syn.labels.max())}, but {data.name} has "
-                        f"{data.num_classes} classes")
     res = run_protocol(syn.images, syn.labels, data, proto, soft_labels=syn.soft_labels, lr=syn.lr, device=dev,
                        seed=seed, runs=runs, progress=not as_json and rank == 0)
     result = res.to_dict()
@@ -89,8 +87,6 @@ def report_cmd(run_dir):
 @set_data_options
 def export_cmd(distilled, fmt, out, overwrite, **kw):
     """Export a distilled set: un-whitened PNGs in out/<class>/<i>.png, or DD-Ranking's images.pt, labels.pt, lr.pt."""
-    import hashlib
-
     from ..export import export_ddranking, export_imagefolder
     from ..synset import SyntheticSet
 
@@ -106,16 +102,6 @@ def export_cmd(distilled, fmt, out, overwrite, **kw):
         raise LtddError(f"{distilled} does not say which data it was distilled from; pass --dataset (and --root)")
     cfg = data_config(base, **kw)
     data = _prepare(cfg)
-    want = syn.meta.get("split_sha")
-    got = hashlib.sha256(data.split.indices.tobytes()).hexdigest()[:16]
-    if want and want != got:
-        raise LtddError(f"the long-tailed split rebuilt for {distilled} differs from the one it was distilled on, so "
-                        "its preprocessing cannot be undone; check --root and the data options")
-    if tuple(syn.images.shape[1:]) != (data.channels, *data.im_size):
-        raise LtddError(f"images have shape {tuple(syn.images.shape)}, expected (N, {data.channels}, "
-                        f"{data.im_size[0]}, {data.im_size[1]}) for dataset {data.name}")
-    if len(syn.labels) and int(syn.labels.max()) >= data.num_classes:
-        raise LtddError(f"distilled labels go up to {int(syn.labels.max())}, but {data.name} has "
-                        f"{data.num_classes} classes")
+    syn.check_compatible(data, str(distilled))  # its preprocessing can only be undone with the same statistics
     export_imagefolder(syn, data, out, data.class_names, overwrite=overwrite)
     click.echo(f"wrote {len(syn.labels)} PNGs in {data.num_classes} class folders under {out}")

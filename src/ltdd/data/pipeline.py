@@ -54,6 +54,33 @@ class PreparedData:
         """Positions in ``train_x`` of the images of class ``c``."""
         return torch.nonzero(self.train_y == c, as_tuple=False).flatten()
 
+    @classmethod
+    def from_tensors(cls, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     *, name: str = "tensors", class_names: list[str] | None = None,
+                     num_classes: int | None = None, preprocessor: Preprocessor | None = None) -> "PreparedData":
+        """Prepared data from tensors already in model space (tests, notebooks): the split is "all of train_x"
+        (its class counts define the imbalance), the preprocessing is the identity unless one is given."""
+        train_y, test_y = train_y.long(), test_y.long()
+        k = int(num_classes or (max(int(train_y.max()), int(test_y.max())) + 1))
+        counts = [int((train_y == c).sum()) for c in range(k)]
+        order = sorted(range(k), key=lambda c: (-counts[c], c))
+        nonzero = [c for c in counts if c > 0]
+        split = LongTailSplit(indices=np.arange(len(train_y)), counts=counts, class_order=order,
+                              imbalance_factor=max(nonzero) / min(nonzero) if nonzero else 1.0, profile="given",
+                              seed=0, n_max=max(counts) if counts else 0)
+        return cls(name=name, class_names=list(class_names or [str(c) for c in range(k)]), num_classes=k,
+                   channels=int(train_x.shape[1]), im_size=(int(train_x.shape[2]), int(train_x.shape[3])),
+                   train_x=train_x.float(), train_y=train_y, test_x=test_x.float(), test_y=test_y,
+                   train_counts=counts, test_counts=[int((test_y == c).sum()) for c in range(k)], split=split,
+                   preprocessor=preprocessor or Preprocessor(normalize=False, zca=False),
+                   groups=class_groups(counts, class_order=order))
+
+    def fingerprint(self) -> dict:
+        """Dataset, split and preprocessing (:func:`ltdd.data.fingerprint.fingerprint`)."""
+        from .fingerprint import fingerprint
+
+        return fingerprint(self)
+
     def describe(self) -> dict:
         return {
             "name": self.name,

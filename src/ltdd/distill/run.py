@@ -28,6 +28,7 @@ from ..config import RunConfig, atomic_write_bytes, atomic_write_text, save_json
 from ..distributed import rank_world
 from ..errors import LtddError
 from ..synset import SyntheticSet, save_grid
+from ..data.fingerprint import fingerprint, split_sha
 from .base import DivergenceError, make_distiller
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -154,7 +155,8 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
     seconds = time.time() - t_run
     syn = distiller.synthetic_set()
     syn.meta = {"method": distiller.method_name, "data": to_dict(run_cfg.data), "ipc": cfg.ipc,
-                "dataset": data.name, "split_sha": _split_sha(data), "preprocessor": _prep_meta(data),
+                "dataset": data.name, "split_sha": split_sha(data), "preprocessor": _prep_meta(data),
+                "fingerprint": fingerprint(data),
                 "iterations": iterations, "class_names": list(data.class_names),
                 "train_counts": [int(c) for c in data.train_counts]}
     if main:
@@ -170,14 +172,6 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
             save_json(out / "eval.json", ev)
         result["eval"] = res.summary
     return result
-
-
-def _split_sha(data) -> str:
-    import hashlib
-
-    import numpy as np
-
-    return hashlib.sha256(np.ascontiguousarray(data.split.indices).tobytes()).hexdigest()[:16]
 
 
 def _prep_meta(data) -> dict:
