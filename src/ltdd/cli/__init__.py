@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..errors import LtddError
-from . import data_cmds, pipeline_cmds, result_cmds  # noqa: F401  (importing them registers their commands)
+from . import data_cmds, export_cmds, pipeline_cmds, result_cmds  # noqa: F401  (importing them registers their commands)
 from .analysis_cmds import register as _register_analysis
 from .common import LtddGroup, cli
 
