@@ -232,3 +232,28 @@ def test_presets_command_prints_the_resolution():
     assert listing.exit_code == 0 and "lad-cifar10-if200-ipc10" in listing.output
     bad = CliRunner().invoke(cli, ["presets", "lad", "--set", "distill.options.foo=1"])
     assert bad.exit_code == 2 and "distill.options.foo" in bad.output
+
+
+def test_dataset_roots_come_from_the_environment(monkeypatch):
+    from ltdd.data.pipeline import expand_root
+
+    for name in list_presets():
+        root = load_preset(name).data.root
+        assert root is None or root.startswith("${LTDD_DATA}/"), (name, root)  # no working-directory paths
+    monkeypatch.setenv("LTDD_DATA", "/data/sets/")
+    assert expand_root("${LTDD_DATA}/cifar10-jpeg.tar.gz") == "/data/sets/cifar10-jpeg.tar.gz"
+    assert expand_root("$LTDD_DATA/x") == "/data/sets/x"
+    assert expand_root("plain/path") == "plain/path" and expand_root(None) is None
+    monkeypatch.delenv("LTDD_DATA")
+    with pytest.raises(LtddError, match="needs the environment variable LTDD_DATA"):
+        expand_root("${LTDD_DATA}/cifar10-jpeg.tar.gz")
+
+
+def test_a_preset_without_its_data_variable_is_one_clear_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from ltdd.cli import cli
+
+    monkeypatch.delenv("LTDD_DATA", raising=False)
+    res = CliRunner().invoke(cli, ["distill", "--preset", "random", "--profile", "cpu", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "LTDD_DATA" in res.output, res.output

@@ -3,6 +3,8 @@ preprocessing on that split only, and apply the same preprocessing to the balanc
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +112,26 @@ def _counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def expand_root(root: str | None) -> str | None:
+    """A dataset root with ``$VAR`` / ``${VAR}`` replaced from the environment (the packaged presets say
+    ``${LTDD_DATA}/...``, so they do not depend on the working directory); an unset variable is an error naming it."""
+    if root is None or "$" not in str(root):
+        return root
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        value = os.environ.get(name)
+        if not value:
+            raise LtddError(f"data.root '{root}' needs the environment variable {name} (the folder that holds your "
+                            f"datasets): set {name}=/path/to/data, or pass --set data.root=PATH")
+        return value.rstrip("/")
+
+    return _VAR.sub(sub, str(root))
+
+
 def prepare_data(cfg: DataConfig, *, cache_dir=None, cache_prepared: bool | None = None) -> PreparedData:
     """Load ``cfg.dataset``, build its long-tailed split and preprocess train / test / probe tensors.
 
@@ -123,7 +145,7 @@ def prepare_data(cfg: DataConfig, *, cache_dir=None, cache_prepared: bool | None
         raise LtddError(f"label_kind must be 'fine' or 'coarse', got '{cfg.label_kind}'")
     src: SourceData = load_source(
         cfg.dataset,
-        cfg.root,
+        expand_root(cfg.root),
         label_kind=cfg.label_kind,
         image_size=cfg.image_size,
         test_per_class=cfg.test_per_class,
