@@ -52,11 +52,11 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str =
     if targets.dtype.is_floating_point:
         if kind == "dam":
             if class_weights is None:
-                raise LtddError("the DAM loss needs class weights (long-tailed class counts)")
+                raise ValueError("the DAM loss needs class weights (long-tailed class counts)")
             return soft_cross_entropy(logits, targets, temperature, class_weights)
         if kind in ("balanced_softmax", "logit_adjust"):
             if priors is None:
-                raise LtddError(f"loss '{kind}' needs class priors")
+                raise ValueError(f"loss '{kind}' needs class priors")
             adj = (1.0 if kind == "balanced_softmax" else tau) * torch.log(priors.to(logits.dtype).clamp_min(1e-12))
             return soft_cross_entropy(logits + adj.unsqueeze(0), targets, temperature)
         return soft_cross_entropy(logits, targets, temperature)
@@ -68,7 +68,7 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str =
         return logit_adjusted_cross_entropy(logits, targets, priors, tau)
     if kind == "dam":
         if class_weights is None:
-            raise LtddError("the DAM loss needs class weights (long-tailed class counts)")
+            raise ValueError("the DAM loss needs class weights (long-tailed class counts)")
         onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
         return -(onehot * class_weights.to(logits.dtype).unsqueeze(0) * F.log_softmax(logits, 1)).sum(1).mean()
     raise LtddError(f"unknown loss '{kind}' (known: ce, balanced_softmax, logit_adjust, dam)")

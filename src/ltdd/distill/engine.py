@@ -433,7 +433,7 @@ class TrajectoryMatching(Distiller):
     def matching_loss(self, iteration: int = 0, gradient: str | None = None) -> torch.Tensor:
         mode = gradient or self.cfg.gradient
         if mode != "exact":
-            raise LtddError("matching_loss is only differentiable end-to-end in exact mode")
+            raise ValueError("matching_loss is only differentiable end-to-end in exact mode")
         total = 0
         for ph in self.cfg.phases:
             kind = ph.store

@@ -51,7 +51,7 @@ class ParamLayout:
     @staticmethod
     def _check_kind(kind: str) -> str:
         if kind not in GROUPS:
-            raise LtddError(f"unknown parameter group {kind!r}; expected one of: {', '.join(GROUPS)}")
+            raise ValueError(f"unknown parameter group {kind!r}; expected one of: {', '.join(GROUPS)}")
         return kind
 
     def _in_group(self, i: int, kind: str) -> bool:
