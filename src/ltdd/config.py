@@ -310,6 +310,35 @@ class ProtocolConfig:
     test_batch_size: int = 1024
 
 
+@dataclass
+class RelabelConfig:
+    """The loss and optimiser of the relabel protocol (EDC's "MSE+GT", as RLDD evaluates).
+
+    Per batch x~ (augmented, then cut-mixed with mixing weight lam): loss = ce_weight * CE(s(x~), y~) +
+    mse_weight * ||softmax(t(x~) / T) - softmax(s(x~) / T)||^2 (squared L2 over the classes, mean over the batch),
+    where y~ is the cut-mixed one-hot label, s the student and t the target network (the teacher, or the set's own
+    soft-label logits mixed with the same lam). AdamW; the lr is multiplied by ``gamma`` at each milestone (a
+    fraction of the epochs); an EMA copy of the student (decay ``ema``) is what gets tested.
+    """
+
+    ce_weight: float = 0.025  # kappa_1
+    mse_weight: float = 1.0  # kappa_2
+    temperature: float = 20.0  # T
+    cutmix: float = 1.0  # probability that a batch is cut-mixed (0: never)
+    cutmix_beta: float = 1.0  # lam ~ Beta(beta, beta)
+    ema: float = 0.99  # decay of the EMA copy of the student (0: test the student itself)
+    optimizer: str = "adamw"  # adamw | sgd
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of train.epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class RelabelProtocolConfig(ProtocolConfig):
+    """An evaluation protocol trained with the relabel loop (:class:`RelabelConfig`) instead of the SGD loop."""
+
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+
+
 def protocol_preset(name: str) -> ProtocolConfig:
     """Named evaluation protocols.
 
@@ -318,6 +347,10 @@ def protocol_preset(name: str) -> ProtocolConfig:
     - ``dc``: the DC protocol of the two-stage paper (two-stage.md §4.1): 300 epochs, lr 0.01 constant, no
       augmentation, batch 256.
     - ``cpu``: the ``lad`` protocol at a CPU-sized scale (ConvNet-3 width 32, 300 epochs, 3 runs).
+    - ``relabel``: the relabel protocol of RLDD / EDC (beyond-lad.md §1.6): ConvNet-3, 1000 epochs, batch 25,
+      AdamW lr 1e-3 / wd 0.01, lr x0.1 at 50% and 75% of the epochs, random crop + flip then cutmix, loss
+      0.025 * CE + 1.0 * MSE of the temperature-20 distributions, EMA 0.99 of the student tested, 5 runs.
+    - ``relabel_cpu``: ``relabel`` at a CPU-sized scale (ConvNet-3 width 32, 300 epochs, 3 runs).
     """
     if name == "lad":
         return ProtocolConfig()
@@ -327,7 +360,17 @@ def protocol_preset(name: str) -> ProtocolConfig:
     if name == "cpu":
         return ProtocolConfig(model=ModelConfig("convnet", {"width": 32}),
                               train=TrainConfig(epochs=300, lr=0.01, schedule="step_half", dsa=True), runs=3)
-    raise LtddError(f"unknown evaluation protocol '{name}' (known: lad, dc, cpu)")
+    if name in ("relabel", "relabel_cpu"):
+        cpu = name == "relabel_cpu"
+        return RelabelProtocolConfig(
+            model=ModelConfig("convnet", {"width": 32} if cpu else {}),
+            train=TrainConfig(epochs=300 if cpu else 1000, lr=1e-3, momentum=0.9, weight_decay=0.01, batch_size=25,
+                              schedule="constant", dsa=True, dsa_strategy="crop_flip"),
+            use_learned_lr=False, runs=3 if cpu else 5, relabel=RelabelConfig())
+    raise LtddError(f"unknown evaluation protocol '{name}' (known: {', '.join(PROTOCOLS)})")
+
+
+PROTOCOLS = ("lad", "dc", "cpu", "relabel", "relabel_cpu")
 
 
 @dataclass
@@ -418,7 +461,7 @@ class RunConfig:
 
     def protocol_config(self) -> ProtocolConfig:
         base = protocol_preset(self.protocol)
-        return from_dict(ProtocolConfig, merge(to_dict(base), self.protocol_overrides)) if self.protocol_overrides \
+        return from_dict(type(base), merge(to_dict(base), self.protocol_overrides)) if self.protocol_overrides \
             else base
 
 
