@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
 
-import torch
-
 from ltdd.config import atomic_write_text
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_line(device: torch.device | str | None = None) -> str:
-    """One line naming the device, cores, torch threads and versions, for the header of a results file."""
-    device = torch.device(device or "cpu")
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return (f"{dev}; nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+from ltdd.experiments.machine import cpu_model, machine_line  # noqa: F401  (re-exported for the scripts)
 
 
 def write_section(path: str | Path, title: str, section: str, append: bool) -> Path:

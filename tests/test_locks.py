@@ -1,18 +1,15 @@
-"""ltdd.locks (exclusive claims through lock files) and the benchmark table's use of them."""
+"""ltdd.locks (exclusive claims through lock files) and the reproduction tables' use of them (ltdd.experiments)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
+from ltdd.experiments.cells import Cell, CellTable
 from ltdd.locks import lock_is_stale, try_lock, unlock
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dead_pid() -> int:
@@ -48,18 +45,9 @@ def test_other_hosts_lock_is_kept_unless_very_old(tmp_path):
     assert lock_is_stale(lock) and try_lock(lock)
 
 
-def _reproduce_module():
-    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its sibling benchmarks/common.py
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("reproduce_under_test", ROOT / "benchmarks" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_table_cell_skips_a_cell_another_live_process_holds(tmp_path):
-    mod = _reproduce_module()
-    table = mod.Table(tmp_path / "w", "cpu", "cpu")
+    table = CellTable("t-cpu", tmp_path / "w", tmp_path / "res", "cpu")
+    cell = Cell("c1", {"what": "c1"})
     calls = []
 
     def fn():
@@ -68,13 +56,14 @@ def test_table_cell_skips_a_cell_another_live_process_holds(tmp_path):
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (table.cells_dir / "c1.lock").write_text(f"{socket.gethostname()}:{holder.pid}")
-        assert table.cell("c1", fn) is None and calls == []  # a live owner: skipped, nothing computed
+        table.lock_path("c1").parent.mkdir(parents=True)
+        table.lock_path("c1").write_text(f"{socket.gethostname()}:{holder.pid}")
+        assert table.cell(cell, fn) is None and calls == []  # a live owner: skipped, nothing computed
     finally:
         holder.kill()
         holder.wait()
-    res = table.cell("c1", fn)  # the owner died: taken over and computed
+    res = table.cell(cell, fn)  # the owner died: taken over and computed
     assert calls == [1] and res["summary"]["accuracy"]["mean"] == 0.5
-    assert not (table.cells_dir / "c1.lock").exists()
-    assert json.loads((table.cells_dir / "c1.json").read_text())["summary"]["accuracy"]["mean"] == 0.5
-    assert table.cell("c1", fn)["seconds"] >= 0 and calls == [1]  # finished cells are reused
+    assert not table.lock_path("c1").exists()
+    assert json.loads(table.path("c1").read_text())["result"]["summary"]["accuracy"]["mean"] == 0.5
+    assert table.cell(cell, fn)["seconds"] >= 0 and calls == [1]  # finished cells are reused
