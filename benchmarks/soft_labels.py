@@ -1,11 +1,12 @@
 """Where a distilled set's soft labels put their probability, per class (head to tail).
 
-    python benchmarks/soft_labels.py runs/reproduce/lad-cifar10lt-cpu/if10-lad-init runs/reproduce/lad-cifar10lt-cpu/if10-lad
+    python benchmarks/soft_labels.py runs/reproduce/lad-cifar10lt-cpu/if10-lad-init-<hash> runs/reproduce/lad-cifar10lt-cpu/if10-lad-<hash>
 
 For every distilled set (a folder or a distilled.safetensors): "own" = the mean probability a class's images give
 their own class (label confidence), "mass" = the total probability all images give a class, divided by IPC (1.0 =
-a balanced share). Comparing a method's initial set (``<method>-init`` cells of reproduce.py) with the distilled
-one shows whether distillation moved the labels toward the head or the tail.
+a balanced share). Comparing a method's initial set (``<method>-init`` cells of ``ltdd reproduce``, whose sets are
+in ``<work>/<cell>-<key hash>``) with the distilled one shows whether distillation moved the labels toward the head or
+the tail.
 """
 
 from __future__ import annotations
