@@ -10,11 +10,13 @@ Every model exposes ``embed(x) -> (N, feat_dim)``, ``feat_dim`` and a final ``nn
 from ltdd.models.registry import create_model, is_model, list_models, register_model  # noqa: I001
 from ltdd.models import convnet as _convnet  # noqa: F401  (registers convnet, convnet_d4)
 from ltdd.models import resnet as _resnet  # noqa: F401  (registers resnet18)
+from ltdd.models import resnet_cifar as _resnet_cifar  # noqa: F401  (registers resnet32)
 from ltdd.models import vgg as _vgg  # noqa: F401  (registers vgg11, alexnet)
 from ltdd.models.convnet import ConvNet
 from ltdd.models.functional import ParamLayout, functional_embed, functional_forward, load_flat
 from ltdd.models.layers import EmbedClassifier, InstanceNorm2dBasic
 from ltdd.models.resnet import ResNet
+from ltdd.models.resnet_cifar import CifarResNet
 from ltdd.models.vgg import VGG, AlexNet
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "ConvNet",
     "InstanceNorm2dBasic",
     "ResNet",
+    "CifarResNet",
     "VGG",
     "AlexNet",
     "ParamLayout",
