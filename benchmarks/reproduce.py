@@ -8,7 +8,8 @@
     torchrun --nproc_per_node=K benchmarks/reproduce.py ...   # cells and experts spread over the ranks
 
 ``--table NAME`` (default lad-cifar10lt) is the command's TABLE argument; every other option is the command's
-(``ltdd reproduce --help``). The grid, its cells and the reports live in :mod:`ltdd.experiments`.
+(``ltdd reproduce --help``), with --results benchmarks/results and --root ../shared/data/cifar10-jpeg.tar.gz unless
+given. The grid, its cells and the reports live in :mod:`ltdd.experiments`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import sys
 
 from ltdd.experiments.command import main
+
+# as before the command existed: results beside the scripts, the data where this checkout's machines keep it
+DEFAULTS = {"--results": "benchmarks/results", "--root": "../shared/data/cifar10-jpeg.tar.gz"}
 
 
 def command_argv(argv: list[str]) -> list[str]:
@@ -34,4 +38,4 @@ def command_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(command_argv(sys.argv[1:]), prog_name="benchmarks/reproduce.py", default_results="benchmarks/results"))
+    sys.exit(main(command_argv(sys.argv[1:]), prog_name="benchmarks/reproduce.py", defaults=DEFAULTS))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ltdd.experiments.command import main
+from reproduce import DEFAULTS  # noqa: E402  (benchmarks/reproduce.py: the same defaults)
 
 if __name__ == "__main__":
-    sys.exit(main(["two-stage"] + sys.argv[1:], prog_name="benchmarks/two_stage_table.py",
-                  default_results="benchmarks/results"))
+    sys.exit(main(["two-stage"] + sys.argv[1:], prog_name="benchmarks/two_stage_table.py", defaults=DEFAULTS))

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from ltdd.config import DataConfig
 from ltdd.errors import LtddError
-from ltdd.experiments.cells import Cell, CellTable, data_fingerprint
+from ltdd.experiments.cells import Cell, CellTable, data_key
 from ltdd.experiments.command import main, reproduce_cmd
 from ltdd.experiments.lad_table import LadGrid, LadOptions
 from ltdd.experiments.two_stage_table import ROWS, TwoStageGrid, TwoStageOptions
@@ -276,15 +276,15 @@ def test_adopt_legacy_cells_from_a_folder_and_a_results_json(tmp_path):
     assert grid.table.fresh(grid.cell(10, 10, "lad")[0])["summary"]["accuracy"]["mean"] == 0.5  # kept, not replaced
 
 
-def test_data_fingerprint_names_the_root_by_name_and_size_not_path(tmp_path):
-    a, b, c = tmp_path / "a" / "x.tar.gz", tmp_path / "b" / "x.tar.gz", tmp_path / "c" / "x.tar.gz"
-    for p, n in ((a, 10), (b, 10), (c, 11)):
-        p.parent.mkdir()
-        p.write_bytes(b"0" * n)
-    fp = lambda p: data_fingerprint(DataConfig(dataset="cifar10", root=str(p), imbalance_factor=100))  # noqa: E731
-    assert fp(a) == fp(b) != fp(c)
-    assert fp(a)["root"] == {"name": "x.tar.gz", "bytes": 10}
-    assert data_fingerprint(DataConfig(imbalance_ratio=0.1))["imbalance_factor"] == 10.0
+def test_data_key_names_the_root_by_name_not_path_or_presence(tmp_path):
+    """The same archive anywhere (a path, ${LTDD_DATA}, absent on this machine) is the same data; another name is not."""
+    a = tmp_path / "a" / "x.tar.gz"
+    a.parent.mkdir()
+    a.write_bytes(b"0" * 10)
+    key = lambda root, **kw: data_key(DataConfig(dataset="cifar10", root=str(root), **kw))  # noqa: E731
+    assert key(a) == key("${LTDD_DATA}/x.tar.gz") == key(tmp_path / "missing" / "x.tar.gz") != key(tmp_path / "y.tar.gz")
+    assert key(a)["root"] == "x.tar.gz"
+    assert key(a, imbalance_ratio=0.1)["imbalance_factor"] == 10.0 and key(a) != key(a, seed=1) != key(a, zca=False)
 
 
 def test_cell_table_reuses_only_under_the_same_key(tmp_path):

@@ -10,6 +10,6 @@
 * :mod:`.command`: the ``ltdd reproduce`` command (``reproduce_cmd``).
 """
 
-from .cells import Cell, CellTable, config_material, data_fingerprint, key_hash
+from .cells import Cell, CellTable, config_material, data_key, key_hash
 
-__all__ = ["Cell", "CellTable", "key_hash", "data_fingerprint", "config_material"]
+__all__ = ["Cell", "CellTable", "key_hash", "data_key", "config_material"]

@@ -1,9 +1,10 @@
 """A table's cells: each keyed by everything that determines it, stored as a small JSON record, claimed with locks.
 
 A cell is a name (``if100-lad``, ``original+gm``) and a *key*: a JSON-able dict of everything its result depends
-on - the resolved configuration, the data fingerprint and the table's options that reach the computation. The
-record ``<results>/cells/<table>-<profile>/<name>.json`` holds ``{"cell", "key_hash", "key", "result"}``; it is
-reused only while its ``key_hash`` equals the current key's hash, otherwise the cell is *stale* and computed again.
+on - the resolved configuration, the data's key (:func:`data_key`) and the table's options that reach the
+computation. The record ``<results>/cells/<table>-<profile>/<name>.json`` holds ``{"cell", "key_hash", "key",
+"result"}``; it is reused only while its ``key_hash`` equals the current key's hash, otherwise the cell is *stale*
+and computed again.
 The records are small (they can be committed, so a new machine resumes instead of recomputing); heavy artifacts
 (distilled sets, expert stores, networks) live in the work folder, in folders named by the cell and its hash.
 
@@ -14,9 +15,7 @@ round-robin to the ranks.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Callable
 import torch
 
 from ..config import DataConfig, RunConfig, save_json, to_dict
+from ..data.fingerprint import digest
 from ..distributed import local_only, rank_world
 from ..errors import LtddError
 from ..locks import lock_is_stale, try_lock, unlock
 
-__all__ = ["FORMAT", "Cell", "CellTable", "key_hash", "root_identity", "data_fingerprint", "config_material",
+__all__ = ["FORMAT", "Cell", "CellTable", "key_hash", "root_identity", "data_key", "config_material",
            "store_folder", "plan_lines", "barrier", "log"]
 
 FORMAT = 1  # the cell record's format; part of every key
@@ -48,41 +48,20 @@ def barrier() -> None:
 
 
 def key_hash(material) -> str:
-    """The short hash of key material (canonical JSON: sorted keys)."""
-    blob = json.dumps({"format": FORMAT, "key": material}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """The short hash of key material (canonical JSON, :func:`ltdd.data.fingerprint.digest`)."""
+    return digest({"format": FORMAT, "key": material}, length=12)
 
 
-_ROOT_IDS: dict[str, dict] = {}
+def root_identity(root) -> str | None:
+    """A data root as key material: its base name (``cifar10-jpeg.tar.gz``). Not the path, so the same archive
+    elsewhere (or under ``${LTDD_DATA}``) gives the same key, and not its size or content, so a key does not depend
+    on whether the data is present (``--plan`` and ``--report-only`` need no data)."""
+    return None if root is None else Path(str(root).rstrip("/")).name
 
 
-def root_identity(root) -> dict | None:
-    """What identifies a data root across machines: its base name and size (a folder: file count and total size).
-    The path itself is left out, so the same archive elsewhere gives the same identity."""
-    if root is None:
-        return None
-    p = Path(root)
-    cached = _ROOT_IDS.get(str(p))
-    if cached is not None:
-        return cached
-    if p.is_file():
-        ident = {"name": p.name, "bytes": p.stat().st_size}
-    elif p.is_dir():
-        files = size = 0
-        for dirpath, _, names in os.walk(p):
-            for n in names:
-                files += 1
-                size += os.stat(os.path.join(dirpath, n)).st_size
-        ident = {"name": p.name, "files": files, "bytes": size}
-    else:
-        ident = {"name": p.name, "missing": True}
-    _ROOT_IDS[str(p)] = ident
-    return ident
-
-
-def data_fingerprint(cfg: DataConfig) -> dict:
-    """The data a cell is computed on: dataset, the root's identity, imbalance factor, split seed, preprocessing
-    and every other field of the data configuration."""
+def data_key(cfg: DataConfig) -> dict:
+    """The data a cell is computed on, from its configuration (no data is loaded): dataset, the root's identity,
+    imbalance factor, split seed, preprocessing and every other field of the data configuration."""
     d = to_dict(cfg)
     d["root"] = root_identity(cfg.root)
     d["imbalance_factor"] = cfg.resolved_imbalance_factor()

@@ -35,7 +35,8 @@ def _flag(name: str) -> str:
                                            "and locks [default: runs/reproduce/TABLE-PROFILE]")
 @click.option("--results", default="results", show_default=True,
               help="report folder; the cell records go to RESULTS/cells/TABLE-PROFILE")
-@click.option("--root", default=DEFAULT_ROOT, show_default=True, help="CIFAR-10 archive or folder")
+@click.option("--root", default=DEFAULT_ROOT, show_default=True,
+              help="CIFAR-10 archive or folder (LTDD_DATA: the folder that holds the datasets)")
 @click.option("--runs", type=int, default=3, show_default=True, help="evaluation runs per cell (gpu: at least 5)")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N [default: CUDA when present]")
 @click.option("--threads", type=int, default=None,
@@ -185,12 +186,13 @@ def _two_stage(common: dict, t: dict, *, threads, plan: bool, report_only: bool)
     grid.run()
 
 
-def main(argv: list[str] | None = None, prog_name: str = "ltdd reproduce", default_results: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog_name: str = "ltdd reproduce", defaults: dict | None = None) -> int:
     """Run the command outside the ``ltdd`` group (the benchmark scripts): a user error is one line on stderr and
-    exit code 2, as under ``ltdd``. ``default_results``: the --results folder when the arguments name none."""
+    exit code 2, as under ``ltdd``. ``defaults``: ``{"--option": value}`` added when the arguments do not give it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if default_results and not any(a == "--results" or a.startswith("--results=") for a in argv):
-        argv += ["--results", default_results]
+    for opt, value in (defaults or {}).items():
+        if not any(a == opt or a.startswith(opt + "=") for a in argv):
+            argv += [opt, str(value)]
     try:
         reproduce_cmd.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except LtddError as e:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from ..config import RunConfig, TrainConfig, list_presets, load_preset, to_dict
 from ..errors import LtddError
-from .cells import Cell, CellTable, barrier, config_material, data_fingerprint, log, store_folder
+from .cells import Cell, CellTable, barrier, config_material, data_key, log, store_folder
 
 __all__ = ["TABLE", "DEFAULT_ROOT", "CIFAR10_CLASSES", "DEFAULT_METHODS", "FULL_DATA", "TRAJECTORY", "INIT_SUFFIX",
            "LadOptions", "LadGrid", "parse_variant", "col_name", "cell_name"]
 
 TABLE = "lad-cifar10lt"
-DEFAULT_ROOT = "../shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_ROOT = "${LTDD_DATA}/cifar10-jpeg.tar.gz"  # as the presets say: $LTDD_DATA is the folder of the datasets
 # the CIFAR-10 batches' label names in label order (= head to tail: the long-tailed split keeps the natural order)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_METHODS = ("random", "dc", "dm", "mtt", "datm", "lad", "erm", "crt")
@@ -205,7 +205,7 @@ class LadGrid:
     def experts_cell(self, IF: int) -> Cell:
         base = self.expert_config(IF)
         return Cell(f"experts-if{IF}", {"kind": "experts", "experts": to_dict(base.experts),
-                                        "data": data_fingerprint(base.data)})
+                                        "data": data_key(base.data)})
 
     def store_dir(self, IF: int) -> Path:
         """The expert store of an IF (named by its key without the number of experts)."""
@@ -214,7 +214,7 @@ class LadGrid:
     def cell(self, IF: int, ipc: int, method: str) -> tuple[Cell, str, RunConfig | None]:
         """(cell, preset, config) of one grid position; full-data cells have preset '-' and no run config."""
         base = self.expert_config(IF)
-        data = data_fingerprint(base.data)
+        data = data_key(base.data)
         name = cell_name(IF, ipc, method)
         if method in FULL_DATA:
             return Cell(name, {"kind": "full-data", "method": method, "data": data,

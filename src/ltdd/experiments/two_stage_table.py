@@ -27,7 +27,7 @@ import torch
 
 from ..config import DataConfig, ModelConfig, TrainConfig, load_preset, save_json, to_dict
 from ..errors import LtddError
-from .cells import Cell, CellTable, config_material, data_fingerprint, log, store_folder
+from .cells import Cell, CellTable, config_material, data_key, log, store_folder
 from .lad_table import DEFAULT_ROOT
 from .netstore import NetStore
 from .paper import two_stage_paper
@@ -140,7 +140,7 @@ class TwoStageGrid:
         self.dc_cfg = load_preset("dc", st["preset_profile"], data_over + st["dc_overrides"])
         self.mtt_cfg = load_preset("mtt", st["preset_profile"], data_over + st["mtt_overrides"])
         _, _, self.references = two_stage_paper()
-        dk = self.data_key = data_fingerprint(self.dcfg)
+        dk = self.data_key = data_key(self.dcfg)
         self.data_cell = Cell("data", {"kind": "data", "data": dk})
         self.gm_cell = Cell("distill-gm", {"kind": "distilled-set", "config": config_material(self.dc_cfg), "data": dk})
         self.experts_cell = Cell("experts-mtt", {"kind": "experts", "experts": to_dict(self.mtt_cfg.experts),
