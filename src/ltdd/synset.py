@@ -83,6 +83,10 @@ class SyntheticSet:
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":
         path = Path(path)
+        from .export import is_export, load_export
+
+        if is_export(path):  # a folder written by `ltdd export` (manifest.json): checksums verified, never unpickled
+            return load_export(path)
         if path.is_dir():
             path = path / FILENAME
         if not path.is_file():
