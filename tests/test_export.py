@@ -589,7 +589,11 @@ def test_export_command_user_errors(tmp_path, digits_set):
     other = SyntheticSet(syn.images, syn.labels, meta={**syn.meta, "split_sha": "0" * 16})
     other = other.save(tmp_path / "o.safetensors")
     shuffled = SyntheticSet(syn.images.flip(0), syn.labels.flip(0), meta=syn.meta).save(tmp_path / "s.safetensors")
+    from ltdd.config import DataConfig, RunConfig, save_yaml
+
+    save_yaml(tmp_path / "cfg.yaml", RunConfig(data=DataConfig(dataset="digits", imbalance_factor=20)))
     for args, fragment in (((other, "--format", "imagefolder"), "split"),
+                           ((path, "--run-config", tmp_path / "cfg.yaml"), "describes other data"),
                            ((other, "--format", "ddranking"), "split"),
                            ((shuffled, "--format", "ddranking"), "class-major order"),
                            ((path, "--format", "zip"), "unknown export format"),

@@ -225,7 +225,8 @@ def find_run_config(set_path: str | Path) -> dict | None:
             return rc
     if (folder / "config.yaml").is_file():
         rc = load_yaml(folder / "config.yaml")
-        return rc if isinstance(rc, dict) else None
+        if isinstance(rc, dict) and ("distill" in rc or "protocol" in rc):  # a run's config, not e.g. `ltdd train`'s
+            return rc
     return None
 
 
@@ -282,9 +283,22 @@ def _protocol(meta: dict, rc: dict) -> dict | None:
         return {"name": name, "overrides": overrides, "config": None, "source": f"{source} (not resolved: {e})"}
 
 
+def _same_data(a, b) -> bool:
+    from . import config as C
+
+    try:
+        return C.to_dict(C.from_dict(C.DataConfig, a)) == C.to_dict(C.from_dict(C.DataConfig, b))
+    except LtddError:
+        return False
+
+
 def _provenance(synset: SyntheticSet, run_config: dict | None) -> dict:
     meta = synset.meta if isinstance(synset.meta, dict) else {}
     rc = run_config if isinstance(run_config, dict) else {}
+    if isinstance(rc.get("data"), dict) and isinstance(meta.get("data"), dict) and not _same_data(rc["data"],
+                                                                                                   meta["data"]):
+        raise LtddError("the run configuration given describes other data than the set records (dataset, split or "
+                        "preprocessing differ): it is not this set's run (give the right config.yaml with --run-config)")
     distill = rc.get("distill") if isinstance(rc.get("distill"), dict) else meta.get("distill")
     distill = distill if isinstance(distill, dict) else {}
     ipc = meta.get("ipc", distill.get("ipc"))
@@ -356,8 +370,9 @@ def _manifest(synset: SyntheticSet, data, layout: str, class_names: list[str], n
                    "targets": "softmax(logits / temperature)" if soft else "one-hot of the hard label",
                    "distill_temperature": distill.get("temperature") if soft else None}
     lr = {"learned": synset.lr is not None, "value": float(synset.lr) if synset.lr is not None else None,
-          "use": ("the evaluation protocol trains with this step size (x0.1 at half for step_half)"
-                  if synset.lr is not None else "no learned step size: the protocol's lr applies")}
+          "use": ("the step size learned with the set: train on it with this lr (the protocol's use_learned_lr; "
+                  "its schedule still applies)" if synset.lr is not None
+                  else "no learned step size: the protocol's own lr applies")}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout, "ltdd_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
