@@ -374,10 +374,32 @@ PROTOCOLS = ("lad", "dc", "cpu", "relabel", "relabel_cpu")
 
 
 @dataclass
+class DebiasedExpertConfig:
+    """RLDD's debiased experts (``experts.kind: debiased``, beyond-lad.md §1.1): an observer (``experts.model``, needs
+    batch norm) and a teacher, each trained on the long-tailed set with gamma_robust * L_robust + gamma_debias *
+    L_debias (``ltdd.rldd_losses``) on two mixed-label augmented views."""
+
+    teacher_model: ModelConfig | None = None  # None: the observer's architecture (another seed)
+    gamma_robust: float = 1.0  # gamma_1: weight of the SimSiam-style consistency between the two views
+    gamma_debias: float = 1.0  # gamma_2: weight of the scheduled, frequency-re-weighted CE
+    q: float = 0.8  # re-weighting sharpness: class k weighted by r_k^-q / sum_j r_j^-q
+    schedule: str = "quadratic"  # quadratic: alpha = (epoch / epochs)^2; none: alpha = 0 (plain CE throughout)
+    mix: str = "cutmix"  # how the two views' labels are mixed: cutmix | mixup | none
+    mix_alpha: float = 1.0  # lambda ~ Beta(mix_alpha, mix_alpha)
+    proj_dim: int = 128  # z = Linear(feat_dim, proj_dim)(embed(view))
+    pred_hidden: int = 32  # p = Linear(proj_dim, pred_hidden) -> ReLU -> Linear(pred_hidden, proj_dim) of z
+    robust_form: str = "spec"  # spec: -sum_i cos(z_i, sg(p_j)); simsiam: -sum_i cos(p_i, sg(z_j)) (SimSiam's form)
+
+
+@dataclass
 class ExpertConfig:
     """Representation experts (trained on the long-tailed set) and classifier experts (their head re-trained
-    class-balanced, cRT). The number of epochs of each is ``train.epochs`` / ``classifier_train.epochs``."""
+    class-balanced, cRT). The number of epochs of each is ``train.epochs`` / ``classifier_train.epochs``.
 
+    ``kind: debiased`` trains RLDD's observer and teacher instead (``model``, ``train``, ``debiased`` and ``seed``
+    only; see :class:`DebiasedExpertConfig`)."""
+
+    kind: str = "trajectory"  # trajectory (MTT/DATM/LAD stores) | debiased (RLDD's observer and teacher)
     model: ModelConfig = field(default_factory=ModelConfig)
     num_experts: int = 100
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, lr=0.01, momentum=0.0,
@@ -391,6 +413,7 @@ class ExpertConfig:
     classifier_keep_epochs: list[int] | None = None
     fp16: bool = False
     seed: int = 0
+    debiased: DebiasedExpertConfig = field(default_factory=DebiasedExpertConfig)
 
 
 @dataclass

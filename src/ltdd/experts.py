@@ -36,6 +36,37 @@ from .models.functional import ParamLayout, load_flat
 from .train import train_model
 
 KINDS = ("representation", "classifier")
+EXPERT_KINDS = ("trajectory", "debiased")  # experts.kind: these trajectory stores | RLDD (ltdd.debiased_experts)
+# the ExpertConfig fields each kind reads (the others must keep their defaults), and the train fields of debiased
+_KIND_READS = {"trajectory": None, "debiased": {"kind", "model", "train", "seed", "debiased"}}
+_DEBIASED_TRAIN_READS = {"epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "dsa", "dsa_strategy",
+                         "grad_clip"}
+
+
+def check_expert_config(cfg: ExpertConfig, where: str = "experts") -> None:
+    """The expert configuration holds only what its ``kind`` reads: a field of the other kind set to anything but
+    its default is an error naming it (trajectory experts ignore ``debiased``; debiased experts read ``model``,
+    ``train`` (no sampler, loss, SAM or trainable subset), ``debiased`` and ``seed``)."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .distill.base import _first_difference
+
+    if cfg.kind not in EXPERT_KINDS:
+        raise LtddError(f"unknown {where}.kind '{cfg.kind}' (known: {', '.join(EXPERT_KINDS)})")
+    default = ExpertConfig()
+    reads = _KIND_READS[cfg.kind]
+    for f in dataclasses.fields(ExpertConfig):
+        if reads is None and f.name != "debiased" or reads is not None and f.name in reads:
+            continue
+        path = _first_difference(to_dict(getattr(default, f.name)), to_dict(getattr(cfg, f.name)), f"{where}.{f.name}")
+        if path:
+            raise LtddError(f"{path} is set, but {cfg.kind} experts do not read it; remove it")
+    if cfg.kind == "debiased":
+        d_train = to_dict(default.train)
+        for f in dataclasses.fields(TrainConfig):
+            if f.name not in _DEBIASED_TRAIN_READS and to_dict(getattr(cfg.train, f.name)) != d_train[f.name]:
+                raise LtddError(f"{where}.train.{f.name} is set, but debiased experts do not read it; remove it")
 
 
 def data_fingerprint(data) -> dict:
@@ -77,9 +108,13 @@ class TrajectoryStore:
         if not self.meta_path.is_file():
             raise LtddError(f"{self.root} is not an expert store (no store.json); train experts with `ltdd experts`")
         try:
-            return json.loads(self.meta_path.read_text())
+            meta = json.loads(self.meta_path.read_text())
         except json.JSONDecodeError:
             raise LtddError(f"{self.meta_path} is corrupt (not JSON)") from None
+        if meta.get("kind", "trajectory") != "trajectory":
+            raise LtddError(f"{self.root} holds {meta.get('kind')} experts (RLDD's observer and teacher), not expert "
+                            f"trajectories")
+        return meta
 
     def initialise(self, cfg: ExpertConfig, data, layout: ParamLayout) -> None:
         """Create store.json, or check that an existing store matches this model and data."""
@@ -230,13 +265,20 @@ def train_classifier_expert(cfg: ExpertConfig, data, index: int, start: torch.Te
 
 def train_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, device=None, rank: int = 0, world: int = 1,
                   progress: bool = True, log=None) -> dict:
-    """Fill the store up to ``cfg.num_experts`` representation (and classifier) experts.
+    """Fill the store up to ``cfg.num_experts`` representation (and classifier) experts (``cfg.kind: debiased``:
+    RLDD's observer and teacher instead, :func:`ltdd.debiased_experts.train_debiased_experts`).
 
     Already-trained experts are skipped; with ``world`` > 1 this process takes the indices ``i % world == rank``.
     Returns counts and seconds.
     """
     from .evaluate import test_metrics
 
+    if cfg.kind == "debiased":  # RLDD's observer and teacher
+        from .debiased_experts import train_debiased_experts
+
+        return train_debiased_experts(cfg, data, store_dir, device=device, rank=rank, world=world,
+                                      progress=progress, log=log)
+    check_expert_config(cfg)
     device = device or torch.device("cpu")
     store = TrajectoryStore(store_dir)
     probe = create_model(cfg.model.name, data.num_classes, data.channels, data.im_size, **cfg.model.args)
