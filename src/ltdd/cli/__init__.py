@@ -12,10 +12,12 @@ import click
 from ..errors import LtddError
 from . import data_cmds, export_cmds, pipeline_cmds, result_cmds  # noqa: F401  (importing them registers their commands)
 from . import label_cmds  # noqa: F401,E402  (ltdd calibrate, ltdd teacher)
+from ..experiments.command import reproduce_cmd
 from .analysis_cmds import register as _register_analysis
 from .common import LtddGroup, cli
 
 _register_analysis(cli)
+cli.add_command(reproduce_cmd)
 
 __all__ = ["LtddGroup", "cli", "main"]
 

@@ -15,6 +15,7 @@ round-robin to the ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -59,10 +60,35 @@ def root_identity(root) -> str | None:
     return None if root is None else Path(str(root).rstrip("/")).name
 
 
+def material(obj):
+    """A configuration as key material: ``to_dict`` without the fields that are at their default value, so that a
+    new configuration field (added with a default that keeps the old behaviour) does not make every recorded cell
+    stale. Lists keep every element (each reduced the same way)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                out[f.name] = material(value)
+                continue
+            if to_dict(value) != to_dict(default):
+                out[f.name] = material(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [material(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: material(v) for k, v in obj.items()}
+    return obj
+
+
 def data_key(cfg: DataConfig) -> dict:
     """The data a cell is computed on, from its configuration (no data is loaded): dataset, the root's identity,
     imbalance factor, split seed, preprocessing and every other field of the data configuration."""
-    d = to_dict(cfg)
+    d = material(cfg)
     d["root"] = root_identity(cfg.root)
     d["imbalance_factor"] = cfg.resolved_imbalance_factor()
     d.pop("imbalance_ratio", None)
@@ -72,10 +98,10 @@ def data_key(cfg: DataConfig) -> dict:
 def config_material(cfg: RunConfig) -> dict:
     """A resolved run configuration as key material: everything but its description, its profile table (already
     applied) and its data section (the cell's data fingerprint stands for it), plus the resolved protocol."""
-    d = to_dict(cfg)
+    d = material(cfg)
     for k in ("description", "profiles", "data"):
         d.pop(k, None)
-    d["protocol_resolved"] = to_dict(cfg.protocol_config())
+    d["protocol_resolved"] = material(cfg.protocol_config())
     return d
 
 

@@ -172,10 +172,13 @@ def _cost_lines(grid: LadGrid, results: dict) -> list[str]:
                     cells += r.get("seconds", 0.0)
                     is_core = m in default and (m in FULL_DATA or ipc in default_ipcs(o.profile))
                     core_cells += r.get("seconds", 0.0) if is_core else 0.0
-        exp = grid.table.fresh(grid.experts_cell(IF))
-        e = exp["seconds"] if exp else None
+        stores = [grid.table.fresh(grid.experts_cell(IF, ipcs[0])) for ipcs in grid.store_columns(IF).values()]
+        timed = [x["seconds"] for x in stores if x and "seconds" in x]
+        e = sum(timed) if timed else None
+        base = grid.table.fresh(grid.experts_cell(IF))
+        core_e = base["seconds"] if base and "seconds" in base else 0.0  # the default IPC's store
         total += cells + (e or 0.0)
-        core += core_cells + (e or 0.0)
+        core += core_cells + core_e
         out.append(f"- IF {IF}: {len(seen)} cells {cells / 60:.0f} min (default methods at the profile's default IPC: "
                    f"{core_cells / 60:.0f} min); "
                    "expert store " + (f"{e / 60:.0f} min" if e is not None else "not timed") + ".")

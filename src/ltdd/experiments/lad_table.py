@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, TrainConfig, list_presets, load_preset, to_dict
+from ..config import RunConfig, TrainConfig, list_presets, load_preset
 from ..errors import LtddError
-from .cells import Cell, CellTable, barrier, config_material, data_key, log, store_folder
+from .cells import Cell, CellTable, barrier, config_material, data_key, log, material, store_folder
 
 __all__ = ["TABLE", "DEFAULT_ROOT", "CIFAR10_CLASSES", "DEFAULT_METHODS", "FULL_DATA", "TRAJECTORY", "INIT_SUFFIX",
            "LadOptions", "LadGrid", "parse_variant", "col_name", "cell_name"]
@@ -160,7 +160,7 @@ class LadGrid:
     def __init__(self, opts: LadOptions, device=None):
         self.opts = opts
         self.table = CellTable(opts.table, opts.work_dir(), opts.results, device)
-        self._experts: dict[int, RunConfig] = {}
+        self._experts: dict[tuple[int, int], RunConfig] = {}
 
     @property
     def preset_profile(self) -> str | None:
@@ -182,18 +182,32 @@ class LadGrid:
         over = [f"data.imbalance_factor={IF}", f"data.root={o.root}", f"distill.ipc={ipc}"]
         return base, load_preset(base, self.preset_profile, over + extra)
 
-    def expert_config(self, IF: int) -> RunConfig:
-        """The expert stores of an IF: the LAD preset's experts (representation + classifier experts), shared by
-        MTT, DATM and LAD so that they are compared on the same trajectories; long enough for every column's start
-        window (LAD's released configurations differ per IPC). Its data is the data of every cell of that IF."""
-        if IF not in self._experts:
-            p = self.preset_profile
-            epochs = max([load_preset("lad", p).experts.train.epochs] +
-                         [load_preset(r, p).experts.train.epochs for r in
-                          (released_preset("lad", IF, ipc) for ipc in self.opts.ipcs) if r])
-            self._experts[IF] = load_preset("lad", p, [f"data.imbalance_factor={IF}", f"data.root={self.opts.root}",
-                                                      f"experts.train.epochs={epochs}"])
-        return self._experts[IF]
+    def store_epochs(self, IF: int, ipc: int) -> int:
+        """Epochs of the representation experts a column needs: the LAD preset's, or more where LAD's released
+        configuration for (IF, IPC) starts later (e.g. IPC 50's wider start window). Columns that need the same
+        number share one store; a column that needs more gets its own, so adding it never changes the others."""
+        p = self.preset_profile
+        released = released_preset("lad", IF, ipc)
+        need = load_preset(released, p).experts.train.epochs if released else 0
+        return max(load_preset("lad", p).experts.train.epochs, need)
+
+    def expert_config(self, IF: int, ipc: int | None = None) -> RunConfig:
+        """The expert store of a column: the LAD preset's experts (representation + classifier experts), shared by
+        MTT, DATM and LAD so that they are compared on the same trajectories. ``ipc=None``: the base store of the
+        IF (the LAD preset's epochs). Its data is the data of every cell of that IF."""
+        epochs = self.store_epochs(IF, ipc) if ipc is not None else load_preset("lad", self.preset_profile).experts.train.epochs
+        key = (IF, epochs)
+        if key not in self._experts:
+            self._experts[key] = load_preset("lad", self.preset_profile, [
+                f"data.imbalance_factor={IF}", f"data.root={self.opts.root}", f"experts.train.epochs={epochs}"])
+        return self._experts[key]
+
+    def store_columns(self, IF: int) -> dict[int, list[int]]:
+        """{epochs: [IPCs]} of the IF's expert stores for the requested columns."""
+        out: dict[int, list[int]] = {}
+        for ipc in self.opts.ipcs:
+            out.setdefault(self.store_epochs(IF, ipc), []).append(ipc)
+        return out
 
     def full_train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.opts.full_epochs, lr=0.01, batch_size=256, schedule="cosine", dsa=True)
@@ -202,14 +216,16 @@ class LadGrid:
         return 1 if self.opts.profile == "cpu" else self.opts.runs  # cpu: one seed (time)
 
     # ---- cells and keys -----------------------------------------------------------------------------------------
-    def experts_cell(self, IF: int) -> Cell:
-        base = self.expert_config(IF)
-        return Cell(f"experts-if{IF}", {"kind": "experts", "experts": to_dict(base.experts),
-                                        "data": data_key(base.data)})
+    def experts_cell(self, IF: int, ipc: int | None = None) -> Cell:
+        base = self.expert_config(IF, ipc)
+        default = load_preset("lad", self.preset_profile).experts.train.epochs
+        epochs = base.experts.train.epochs
+        name = f"experts-if{IF}" if epochs == default else f"experts-if{IF}-e{epochs}"
+        return Cell(name, {"kind": "experts", "experts": material(base.experts), "data": data_key(base.data)})
 
-    def store_dir(self, IF: int) -> Path:
-        """The expert store of an IF (named by its key without the number of experts)."""
-        return store_folder(self.table.work, self.experts_cell(IF))
+    def store_dir(self, IF: int, ipc: int | None = None) -> Path:
+        """The expert store of a column (named by its key without the number of experts)."""
+        return store_folder(self.table.work, self.experts_cell(IF, ipc))
 
     def cell(self, IF: int, ipc: int, method: str) -> tuple[Cell, str, RunConfig | None]:
         """(cell, preset, config) of one grid position; full-data cells have preset '-' and no run config."""
@@ -218,11 +234,11 @@ class LadGrid:
         name = cell_name(IF, ipc, method)
         if method in FULL_DATA:
             return Cell(name, {"kind": "full-data", "method": method, "data": data,
-                               "model": to_dict(base.protocol_config().model),
-                               "train": to_dict(self.full_train_config()), "runs": self.full_runs(),
+                               "model": material(base.protocol_config().model),
+                               "train": material(self.full_train_config()), "runs": self.full_runs(),
                                "crt_epochs": CRT_EPOCHS}), "-", None
         preset, cfg = self.method_config(method, IF, ipc)
-        experts = self.experts_cell(IF).hash if self.opts.needs_experts(method) else None
+        experts = self.experts_cell(IF, ipc).hash if self.opts.needs_experts(method) else None
         return Cell(name, {"kind": "distill-evaluate", "config": config_material(cfg), "data": data,
                            "experts": experts, "runs": self.opts.runs}), preset, cfg
 
@@ -256,7 +272,7 @@ class LadGrid:
             if self.opts.needs_experts(m):
                 what += ", phases " + ", ".join(f"{ph.name}(N={ph.syn_steps}, M={ph.expert_epochs}, "
                                                 f"start<{ph.max_start_epoch}, {ph.match})" for ph in d.phases)
-                e = self.expert_config(IF).experts
+                e = self.expert_config(IF, ipc).experts
                 what += f"; experts {e.num_experts} x {e.train.epochs} epochs"
             state = self.table.state(cell, self.table.artifact(cell) / "checkpoint.safetensors")
             rows.append({**row, "state": state, "what": what})
@@ -266,14 +282,16 @@ class LadGrid:
         """The expert stores the table needs, with their state."""
         out = []
         for IF in self.opts.ifs:
-            if any(self.opts.needs_experts(m) for m in self.opts.methods):
-                cell = self.experts_cell(IF)
-                e = self.expert_config(IF).experts
-                store = self.store_dir(IF)
+            if not any(self.opts.needs_experts(m) for m in self.opts.methods):
+                continue
+            for epochs, ipcs in self.store_columns(IF).items():
+                cell = self.experts_cell(IF, ipcs[0])
+                e = self.expert_config(IF, ipcs[0]).experts
+                store = self.store_dir(IF, ipcs[0])
                 state = self.table.state(cell, store / "store.json")
                 out.append({"cell": cell.name, "hash": cell.hash, "state": state, "preset": "lad",
                             "what": f"{e.num_experts} x {e.train.epochs} epochs (+ classifier experts x "
-                                    f"{e.classifier_train.epochs}) in {store}"})
+                                    f"{e.classifier_train.epochs}) for IPC {', '.join(map(str, ipcs))} in {store}"})
         return out
 
     def run(self) -> None:
@@ -285,12 +303,15 @@ class LadGrid:
         for IF in o.ifs:
             base = self.expert_config(IF)
             data = prepare_data(base.data)
-            store = self.store_dir(IF)
             if any(o.needs_experts(m) for m in o.methods):
-                log(f"IF {IF}: experts ({store})")
-                fill_experts(base.experts, data, store, table, self.experts_cell(IF))
+                for epochs, ipcs in self.store_columns(IF).items():
+                    store = self.store_dir(IF, ipcs[0])
+                    log(f"IF {IF}: experts for IPC {', '.join(map(str, ipcs))} ({store})")
+                    fill_experts(self.expert_config(IF, ipcs[0]).experts, data, store, table,
+                                 self.experts_cell(IF, ipcs[0]))
                 barrier()
             for ipc in o.ipcs:
+                store = self.store_dir(IF, ipc)
                 for m in o.methods:
                     cell, _, cfg = self.cell(IF, ipc, m)
                     if cfg is None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TrainConfig, atomic_write_bytes, save_json, to_dict
-from .cells import key_hash, log
+from ..config import ModelConfig, TrainConfig, atomic_write_bytes, save_json
+from .cells import key_hash, log, material
 
 __all__ = ["NetStore"]
 
@@ -41,8 +41,8 @@ class NetStore:
 
     def key(self, name: str, src: str, n_out: int, seed: int) -> str:
         return key_hash({"kind": "net", "name": name, "source": self.sources[src], "epochs": self.epochs[src],
-                         "n_out": int(n_out), "seed": int(seed), "model": to_dict(self.model_cfg),
-                         "train": to_dict(self.train_cfg), "data": self.data_key})
+                         "n_out": int(n_out), "seed": int(seed), "model": material(self.model_cfg),
+                         "train": material(self.train_cfg), "data": self.data_key})
 
     def stem(self, name: str, src: str, n_out: int, seed: int) -> str:
         return f"{name}-{self.key(name, src, n_out, seed)[:8]}"

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, ModelConfig, TrainConfig, load_preset, save_json, to_dict
+from ..config import DataConfig, ModelConfig, TrainConfig, load_preset, save_json
 from ..errors import LtddError
-from .cells import Cell, CellTable, config_material, data_key, log, store_folder
+from .cells import Cell, CellTable, config_material, data_key, log, material, store_folder
 from .lad_table import DEFAULT_ROOT
 from .netstore import NetStore
 from .paper import two_stage_paper
@@ -143,7 +143,7 @@ class TwoStageGrid:
         dk = self.data_key = data_key(self.dcfg)
         self.data_cell = Cell("data", {"kind": "data", "data": dk})
         self.gm_cell = Cell("distill-gm", {"kind": "distilled-set", "config": config_material(self.dc_cfg), "data": dk})
-        self.experts_cell = Cell("experts-mtt", {"kind": "experts", "experts": to_dict(self.mtt_cfg.experts),
+        self.experts_cell = Cell("experts-mtt", {"kind": "experts", "experts": material(self.mtt_cfg.experts),
                                                  "data": dk})
         self.mtt_cell = Cell("distill-mtt", {"kind": "distilled-set", "config": config_material(self.mtt_cfg),
                                              "data": dk, "experts": self.experts_cell.hash})
@@ -167,8 +167,8 @@ class TwoStageGrid:
         return Cell(row, {"kind": "flat-row" if st2 is None else "two-stage-row", "row": row,
                           "stage1": self.nets.sources[st1], "stage2": self.nets.sources[st2] if st2 else None,
                           "epochs": {s: self.nets.epochs[s] for s in {st1, st2} - {None}},
-                          "grouping": self.grouping_cell.hash, "seeds": self.seeds, "model": to_dict(self.model_cfg),
-                          "train": to_dict(self.train_cfg), "data": self.data_key})
+                          "grouping": self.grouping_cell.hash, "seeds": self.seeds, "model": material(self.model_cfg),
+                          "train": material(self.train_cfg), "data": self.data_key})
 
     def cells(self) -> list[tuple[Cell, str, str, Path | None]]:
         """Every cell in the order of the run: (cell, preset, what it runs, file whose presence means partial)."""
