@@ -363,3 +363,104 @@ def test_teacher_command_and_teacher_eval_cli(tmp_path, cli_env):
                   "--width", 8, "--no-dsa").exit_code == 0
     _user_error(invoke("eval", path, "--labels", "teacher", "--teacher", other, "--protocol", "relabel_cpu"),
                 "different data")
+
+
+def test_method_soft_labels_from_the_run_folder(tmp_path, tiny_data):
+    """A set distilled by `ltdd run` sits in run/distilled with its config.yaml; the experts in run/experts. The
+    random subset then gets the method's own initial soft labels (experts_correct over the classifier experts)."""
+    from ltdd.distill.init import init_soft_labels
+    from tests.conftest import make_store
+
+    run = tmp_path / "run"
+    store = make_store(run / "experts", tiny_data)
+    (run / "distilled").mkdir(parents=True)
+    C.save_yaml(run / "distilled" / "config.yaml", {"distill": {"method": "tm", "soft_labels": True,
+                                                                "label_init": "experts_correct",
+                                                                "label_store": "classifier"}})
+    set_path = run / "distilled" / "distilled.safetensors"
+    cfg = L.run_distill_config(set_path)
+    assert cfg["label_init"] == "experts_correct"
+    assert L.find_expert_store(set_path) == run / "experts"
+    fn, how = L.method_soft_labeller(cfg, tiny_data, L.find_expert_store(set_path))
+    assert "2 classifier experts" in how
+    x, y = tiny_data.train_x[:6], tiny_data.train_y[:6]
+    nets = [L.teacher_from_expert(store.root, tiny_data, "classifier", i)[0].eval() for i in (0, 1)]
+    with torch.no_grad():
+        want = init_soft_labels(x, y, 3, "experts_correct", [lambda v, n=n: n(v) for n in nets])
+    assert torch.allclose(fn(x, y), want)
+    assert L.run_distill_config(tmp_path / "nowhere" / "distilled.safetensors") is None
+
+
+def test_score_set_assembles_lrs_and_ars(tiny_data, monkeypatch):
+    from ltdd.scores import score_set
+
+    x, y = _subset(tiny_data, [0, 1, 12, 13, 18, 19])
+    syn = SyntheticSet(x, y, torch.nn.functional.one_hot(y, 3).float() * 4, None)
+    calls = []
+    real = E.evaluate_set
+
+    def spy(s, data, protocol, mode=None, **kw):
+        calls.append((len(s.images), mode, protocol.train.dsa))
+        return real(s, data, protocol, mode, **kw)
+
+    monkeypatch.setattr(E, "evaluate_set", spy)
+    fn = L.method_soft_labeller({"method": "tm", "label_init": "onehot", "onehot_scale": 4.0}, tiny_data)
+    proto = _sgd(epochs=3)
+    proto.train.dsa = True
+    out = score_set(syn, tiny_data, proto, "own", own_labeller=fn, protocol_name="tiny")
+    s = out["scores"]
+    acc = {k: v["overall"] for k, v in out["inputs"].items()}
+    hlr = acc["full_hard"] - acc["syn_hard"]
+    ior = acc["syn_own"] - acc["rnd_own"]
+    assert s["lrs"]["overall"]["hlr"] == pytest.approx(hlr) and s["lrs"]["overall"]["ior"] == pytest.approx(ior)
+    assert s["lrs"]["overall"]["a"] == pytest.approx(0.5 * ior - 0.5 * hlr)
+    assert len(s["lrs"]["per_class"]["lrs"]) == 3 and set(s["lrs"]["groups"]) == {"head", "medium", "tail"}
+    assert "lrs_crt" in s and "ars" in s
+    b = 0.5 * (acc["syn_aug"] - acc["rnd_aug"]) + 0.5 * (acc["syn_noaug"] - acc["rnd_noaug"])
+    assert s["ars"]["overall"]["b"] == pytest.approx(b)
+    # distilled: own with aug, hard with aug, own without aug; random: own with and without aug
+    assert sorted(calls) == sorted([(6, "own", True), (6, "hard", True), (6, "own", False), (6, "own", True),
+                                    (6, "own", False)])
+
+
+def test_eval_scores_cli(tmp_path, cli_env):
+    path = _digits_set(tmp_path, soft=False)
+    res = invoke("eval", path, "--scores", "--protocol", "dc", "--runs", 1, "--set", "train.epochs=1", "--set",
+                 "model.args={width: 8}")
+    assert res.exit_code == 0, res.output
+    assert "LRS" in res.output and "ARS" in res.output and "full data, ERM" in res.output
+    saved = json.loads((path.parent / "eval.json").read_text())
+    assert set(saved["scores"]["scores"]) == {"lrs", "lrs_crt", "ars"}
+    assert saved["full_data"]["erm"]["label_mode"] == "hard"
+
+
+def test_the_ema_copy_is_what_gets_tested(tiny_data):
+    import copy
+
+    x, y = tiny_data.train_x, tiny_data.train_y
+    student = create_model("convnet", 3, 1, 8, width=4, depth=1)
+    init = copy.deepcopy(student)
+    proto = _relabel(epochs=1, ema=0.5, cutmix=0.0)
+    proto.train.batch_size = len(y)  # one step
+    tested = L.train_relabel(student, x, y, proto, num_classes=3, seed=0)
+    assert tested is not student
+    for pe, p0, p1 in zip(tested.parameters(), init.parameters(), student.parameters()):
+        assert torch.allclose(pe, 0.5 * p0 + 0.5 * p1, atol=1e-6)
+    proto.relabel.ema = 0.0
+    assert L.train_relabel(student, x, y, proto, num_classes=3, seed=0) is student
+
+
+def test_relabel_lr_milestones(tiny_data, monkeypatch):
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    proto = _relabel(epochs=8, cutmix=0.0, ema=0.0)
+    proto.train.batch_size = 32  # one step per epoch
+    L.train_relabel(create_model("convnet", 3, 1, 8, width=4, depth=1), tiny_data.train_x, tiny_data.train_y, proto,
+                    num_classes=3)
+    assert lrs == pytest.approx([3e-3] * 4 + [3e-4] * 2 + [3e-5] * 2)  # x0.1 at 50 % and 75 % of the epochs
