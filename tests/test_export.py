@@ -308,6 +308,23 @@ def test_reading_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
+def test_preprocessing_mismatch_is_refused(tmp_path):
+    """A preprocessing.safetensors that is not the one the manifest describes (checksums made to fit) is refused:
+    the PNGs would be mapped into another model space."""
+    from ltdd.export import _st_bytes
+
+    raw, pre = _pixels_and_pre(3)
+    export_imagefolder(_synset(pre, raw[:2], [0, 1]), pre, tmp_path / "if", ["a", "b"])
+    _, other = _pixels_and_pre(3, seed=9)
+    (tmp_path / "if" / PREPROCESSING).write_bytes(_st_bytes(other.state_dict()))
+    m = json.loads((tmp_path / "if" / MANIFEST).read_text())
+    m["files"][PREPROCESSING]["sha256"] = _sha(tmp_path / "if" / PREPROCESSING)
+    (tmp_path / "if" / MANIFEST).write_text(json.dumps(m))
+    (tmp_path / "if" / CHECKSUMS).unlink()
+    with pytest.raises(LtddError, match="does not hold the preprocessing its manifest describes"):
+        SyntheticSet.load(tmp_path / "if")
+
+
 # ---- atomicity ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["imagefolder", "ddranking"])
