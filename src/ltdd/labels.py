@@ -262,6 +262,8 @@ def train_relabel(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Relab
 
     Targets: ``teacher`` given - the teacher's logits on the very batch the student sees (augmented, cut-mixed);
     ``soft_logits`` given - the set's own logits, mixed with the cutmix weight; neither - hard labels (plain CE).
+    Of ``cfg.train`` it reads epochs, lr, weight_decay, momentum (sgd only), batch_size, dsa / dsa_strategy (applied
+    before cutmix) and schedule (multiplied by the milestone decay); the sampler is instance-balanced.
     """
     from .train import lr_at, make_augment
 

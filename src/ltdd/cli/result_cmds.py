@@ -138,7 +138,8 @@ def _print_eval(result: dict, protocol: str, as_json: bool) -> None:
             gain = result["summary"]["accuracy"]["mean"] - b["summary"]["accuracy"]["mean"]
             click.echo(f"  distilled minus random: {100 * gain:+.2f} points")
     for key, full in (result.get("full_data") or {}).items():
-        click.echo(f"  full data, {key.upper()} ({full['images']} images, hard labels): {format_summary(full['summary'])}")
+        name = {"erm": "ERM", "crt": "cRT"}.get(key, key)
+        click.echo(f"  full data, {name} ({full['images']} images, hard labels): {format_summary(full['summary'])}")
     if result.get("scores"):
         from ..scores import format_scores
 
