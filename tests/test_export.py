@@ -502,6 +502,29 @@ def test_ddranking_export_of_digits_with_teacher(tmp_path, digits_run):
     assert back.labels.tolist() == d.syn.labels.tolist() and back.lr == d.syn.lr and back.meta == d.syn.meta
 
 
+def test_teacher_named_by_the_set_with_its_description_in_the_file(tmp_path, digits_run):
+    """RLDD's way: the set's metadata names the teacher file, whose safetensors metadata describes the network."""
+    from safetensors.torch import save_file
+
+    d = digits_run
+    run = tmp_path / "run"
+    path = SyntheticSet(d.syn.images, d.syn.labels, d.syn.soft_labels, None,
+                        meta={**d.syn.meta, "teacher": "net.safetensors"}).save(run / "distilled.safetensors")
+    info = {"model": {"name": "convnet", "args": {"width": 8}}, "num_classes": 10, "role": "teacher"}
+    save_file(d.teacher, str(run / "net.safetensors"), metadata={"ltdd_network": json.dumps(info)})
+    (run / "teacher.safetensors").write_bytes(b"not this one")
+    res = _invoke("export", path, "--format", "ddranking", "--out", tmp_path / "dd")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "dd" / MANIFEST).read_text())
+    assert m["teacher"]["info"] == info and json.loads((tmp_path / "dd" / "teacher.json").read_text()) == info
+    assert (tmp_path / "dd" / "teacher.safetensors").read_bytes() == (run / "net.safetensors").read_bytes()
+    assert "lr" not in m["ddranking"]["files"] and m["lr"]["learned"] is False
+    (run / "net.safetensors").unlink()
+    res = _invoke("export", path, "--format", "ddranking", "--out", tmp_path / "dd2")
+    assert res.exit_code == 2 and "names its teacher net.safetensors" in res.output
+    assert not (tmp_path / "dd2").exists()
+
+
 def test_imagefolder_export_of_digits_reads_back(tmp_path, digits_run):
     d = digits_run
     res = _invoke("export", d.path, "--format", "imagefolder", "--out", tmp_path / "if")

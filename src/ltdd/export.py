@@ -230,10 +230,19 @@ def find_run_config(set_path: str | Path) -> dict | None:
     return None
 
 
-def find_teacher(set_path: str | Path) -> Path | None:
-    """``teacher.safetensors`` beside a distilled set (or inside an export), if there is one."""
+def find_teacher(set_path: str | Path, meta: dict | None = None) -> Path | None:
+    """The teacher beside a distilled set (or inside an export): the file its metadata names (``teacher``, as RLDD
+    records it), else ``teacher.safetensors`` if present; ``None`` when it has none. A named teacher that is missing
+    is an error (the export would silently lack it)."""
     p = Path(set_path)
     folder = p if p.is_dir() else p.parent
+    named = (meta or {}).get("teacher")
+    if isinstance(named, str) and named:
+        cand = folder / Path(named).name
+        if not cand.is_file():
+            raise LtddError(f"{set_path} names its teacher {Path(named).name}, but {cand} does not exist (restore it "
+                            f"or pass --teacher)")
+        return cand
     return folder / TEACHER if (folder / TEACHER).is_file() else None
 
 
@@ -255,12 +264,23 @@ def _read_teacher(teacher: str | Path | None) -> tuple[bytes, dict[str, torch.Te
         raise LtddError(f"teacher {path} holds no tensors")
     info_path = path.with_suffix(".json")
     info_blob, info = None, {}
-    if info_path.is_file():
+    if info_path.is_file():  # a description beside it
         info_blob = info_path.read_bytes()
         try:
             info = json.loads(info_blob)
         except json.JSONDecodeError as e:
             raise LtddError(f"teacher description {info_path} is not JSON ({e.msg} at line {e.lineno})") from None
+    else:  # or the one ltdd writes into the file's metadata (what builds the network again)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("ltdd_network")
+        try:
+            info = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            info = {"ltdd_network": raw}
+        if info:
+            info_blob = (json.dumps(info, indent=2) + "\n").encode("utf-8")
     return blob, tensors, info_blob, info if isinstance(info, dict) else {"value": info}
 
 

@@ -21,8 +21,8 @@ from .common import _prepare, cli, data_config, set_data_options
               help="the run's resolved config.yaml (default: config.yaml beside DISTILLED, if any): the method, the "
                    "n_c < IPC policy and the evaluation protocol recorded in the manifest")
 @click.option("--teacher", type=click.Path(), default=None,
-              help="a teacher.safetensors (+ teacher.json) to ship with the set (default: the one beside DISTILLED, "
-                   "if any)")
+              help="a teacher .safetensors (+ a .json of the same name) to ship with the set (default: the file "
+                   "the set's metadata names as its teacher, else teacher.safetensors beside DISTILLED, if any)")
 @set_data_options
 def export_cmd(distilled, fmt, out, overwrite, run_config, teacher, **kw):
     """Export a distilled set (distilled.safetensors, its run folder, or an earlier export) for use without ltdd.
@@ -48,7 +48,7 @@ def export_cmd(distilled, fmt, out, overwrite, run_config, teacher, **kw):
             raise LtddError(f"run config {run_config} is not a mapping")
     else:
         rc = find_run_config(distilled)
-    teacher = teacher if teacher is not None else find_teacher(distilled)
+    teacher = teacher if teacher is not None else find_teacher(distilled, syn.meta)
     cfg = data_config(base, **kw)
     data = _prepare(cfg)
     syn.check_compatible(data, str(distilled))  # its preprocessing can only be undone with the same statistics
