@@ -464,3 +464,16 @@ def test_relabel_lr_milestones(tiny_data, monkeypatch):
     L.train_relabel(create_model("convnet", 3, 1, 8, width=4, depth=1), tiny_data.train_x, tiny_data.train_y, proto,
                     num_classes=3)
     assert lrs == pytest.approx([3e-3] * 4 + [3e-4] * 2 + [3e-5] * 2)  # x0.1 at 50 % and 75 % of the epochs
+
+
+def test_a_network_file_of_the_debiased_store_is_a_teacher(tmp_path, tiny_data):
+    from safetensors.torch import save
+
+    net = create_model("convnet", 3, 1, 8, width=4, depth=1)
+    info = {"model": {"name": "convnet", "args": {"width": 4, "depth": 1}}, "num_classes": 3, "channels": 1,
+            "im_size": [8, 8], "role": "teacher"}
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "teacher.safetensors").write_bytes(
+        save({k: v.contiguous() for k, v in net.state_dict().items()}, metadata={"ltdd_network": json.dumps(info)}))
+    t = L.load_teacher(tmp_path / "store", tiny_data)
+    assert torch.allclose(t.logits(tiny_data.test_x), net.eval()(tiny_data.test_x))

@@ -9,7 +9,8 @@ A distilled set can be evaluated with three kinds of training targets (``LABEL_M
   logits - the relabel protocol (:class:`ltdd.config.RelabelConfig`).
 
 A teacher is one file: a safetensors ``state_dict`` whose metadata names the model config (``ltdd_teacher``: model
-name and arguments, classes, channels, image size, the data fingerprint it was trained on). ``.pt``/``.pth``
+name and arguments, classes, channels, image size, the data fingerprint it was trained on; a network file with the
+same fields under ``ltdd_network``, as the debiased-expert store writes, is read the same way). ``.pt``/``.pth``
 state dicts are read with ``torch.load(weights_only=True)`` beside a JSON file naming the model; nothing is ever
 unpickled.
 """
@@ -34,6 +35,7 @@ from .errors import LtddError
 LABEL_MODES = ("hard", "own", "teacher")
 TEACHER_KEY = "ltdd_teacher"
 TEACHER_FILENAME = "teacher.safetensors"
+NETWORK_KEY = "ltdd_network"  # network files of the debiased-expert store (same fields) are read as teachers too
 
 
 def resolve_label_mode(mode: str | None, has_soft_labels: bool) -> str:
@@ -134,7 +136,8 @@ def _read_teacher(path: Path) -> tuple[dict, dict]:
     try:
         state = st_load(path.read_bytes())
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(TEACHER_KEY)
+            md = f.metadata() or {}
+            raw = md.get(TEACHER_KEY) or md.get(NETWORK_KEY)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         raise LtddError(f"teacher {path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
     if raw is None:
