@@ -339,38 +339,33 @@ class RelabelProtocolConfig(ProtocolConfig):
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
 
 
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+
+
+def list_protocols() -> list[str]:
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+
+
 def protocol_preset(name: str) -> ProtocolConfig:
-    """Named evaluation protocols.
-
-    - ``lad``: the MTT/DATM/LAD protocol (lad.md §5): ConvNet-3, 1000 epochs, SGD 0.9, wd 5e-4, learned lr with
-      x0.1 at half, batch 256, DSA, soft CE for soft labels, 5 runs.
-    - ``dc``: the DC protocol of the two-stage paper (two-stage.md §4.1): 300 epochs, lr 0.01 constant, no
-      augmentation, batch 256.
-    - ``cpu``: the ``lad`` protocol at a CPU-sized scale (ConvNet-3 width 32, 300 epochs, 3 runs).
-    - ``relabel``: the relabel protocol of RLDD / EDC (beyond-lad.md §1.6): ConvNet-3, 1000 epochs, batch 25,
-      AdamW lr 1e-3 / wd 0.01, lr x0.1 at 50% and 75% of the epochs, random crop + flip then cutmix, loss
-      0.025 * CE + 1.0 * MSE of the temperature-20 distributions, EMA 0.99 of the student tested, 5 runs.
-    - ``relabel_cpu``: ``relabel`` at a CPU-sized scale (ConvNet-3 width 32, 300 epochs, 3 runs).
-    """
-    if name == "lad":
-        return ProtocolConfig()
-    if name == "dc":
-        return ProtocolConfig(train=TrainConfig(epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256,
-                                                schedule="constant", dsa=False), use_learned_lr=False)
-    if name == "cpu":
-        return ProtocolConfig(model=ModelConfig("convnet", {"width": 32}),
-                              train=TrainConfig(epochs=300, lr=0.01, schedule="step_half", dsa=True), runs=3)
-    if name in ("relabel", "relabel_cpu"):
-        cpu = name == "relabel_cpu"
-        return RelabelProtocolConfig(
-            model=ModelConfig("convnet", {"width": 32} if cpu else {}),
-            train=TrainConfig(epochs=300 if cpu else 1000, lr=1e-3, momentum=0.9, weight_decay=0.01, batch_size=25,
-                              schedule="constant", dsa=True, dsa_strategy="crop_flip"),
-            use_learned_lr=False, runs=3 if cpu else 5, relabel=RelabelConfig())
-    raise LtddError(f"unknown evaluation protocol '{name}' (known: {', '.join(PROTOCOLS)})")
+    """A named evaluation protocol: a YAML file in ``ltdd/protocols`` (``ltdd protocols`` lists them with their
+    descriptions). ``kind: relabel`` makes it a :class:`RelabelProtocolConfig` (the relabel training loop); the
+    rest are trained with the one SGD loop."""
+    path = PROTOCOL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise LtddError(f"unknown evaluation protocol '{name}' (known: {', '.join(list_protocols())})")
+    raw = dict(load_yaml(path))
+    raw.pop("description", None)
+    kind = raw.pop("kind", "sgd")
+    if kind not in ("sgd", "relabel"):
+        raise LtddError(f"protocol file {path}: unknown kind '{kind}' (known: sgd, relabel)")
+    return from_dict(RelabelProtocolConfig if kind == "relabel" else ProtocolConfig, raw, f"protocol {name}")
 
 
-PROTOCOLS = ("lad", "dc", "cpu", "relabel", "relabel_cpu")
+def protocol_description(name: str) -> str:
+    return str(load_yaml(PROTOCOL_DIR / f"{name}.yaml").get("description", ""))
+
+
+PROTOCOLS = tuple(list_protocols())
 
 
 @dataclass

@@ -162,7 +162,7 @@ def register(cli: click.Group) -> None:
     @click.option("--probe-per-class", type=int, default=200, show_default=True,
                   help="size of the balanced probe split (images not in the long-tailed split)")
     @click.option("--model-epochs", type=int, default=None, help="epochs per model (default: the protocol's)")
-    @click.option("--protocol", default="dc", show_default=True, help="training protocol of the models: dc | lad | cpu")
+    @click.option("--protocol", default="dc", show_default=True, help="training protocol of the models (see `ltdd protocols`)")
     @click.option("--set", "overrides", multiple=True, help="override a protocol field, e.g. model.args.width=32")
     @click.option("--k", "k", type=int, default=2, show_default=True, help="number of groups")
     @click.option("--M", "--m", "M", type=int, default=5, show_default=True, help="k-means centres per class")
@@ -240,7 +240,7 @@ def register(cli: click.Group) -> None:
     @click.option("--routing", type=click.Choice(["hard", "soft"]), default="hard", show_default=True)
     @click.option("--group-prior-tau", type=float, default=0.0, show_default=True,
                   help="subtract tau*log(pi_g) from the group logits (group-level logit adjustment)")
-    @click.option("--protocol", default="dc", show_default=True, help="dc | lad | cpu")
+    @click.option("--protocol", default="dc", show_default=True, help="evaluation protocol (see `ltdd protocols`)")
     @click.option("--set", "overrides", multiple=True, help="override a protocol field, e.g. train.epochs=50")
     @click.option("--runs", type=int, default=None, help="runs per row (default: the protocol's)")
     @click.option("--rows", default=None, help="comma-separated subset of: original_flat, distilled_flat, "

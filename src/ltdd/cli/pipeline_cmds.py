@@ -36,6 +36,19 @@ def presets_cmd(name, profile, overrides):
     click.echo(yaml.safe_dump(resolved, sort_keys=False, width=118).rstrip())
 
 
+@cli.command("protocols")
+@click.argument("name", required=False)
+def protocols_cmd(name):
+    """List the packaged evaluation protocols; with NAME, print that protocol fully resolved (YAML)."""
+    if name is None:
+        for n in C.list_protocols():
+            click.echo(f"{n:<14} {C.protocol_description(n)}")
+        return
+    resolved = C.to_dict(C.protocol_preset(name))
+    click.echo(f"# protocol {name}")
+    click.echo(yaml.safe_dump(resolved, sort_keys=False, width=118).rstrip())
+
+
 @cli.command("experts")
 @preset_options
 @click.option("--out", "out", required=True, type=click.Path(), help="expert store folder (appended to)")
