@@ -14,8 +14,10 @@ The observer (``experts.model``) must have batch norm: its statistics are the re
 Store layout (one folder)::
 
     store.json              kind "debiased", the data fingerprint and the expert configuration it was trained with
-    observer.safetensors    the observer's state_dict (parameters and BN buffers); metadata: model config, classes,
-    teacher.safetensors     channels, image size (:func:`save_network` / :func:`load_network`)
+    observer.safetensors    the observer's and the teacher's state_dicts (parameters and BN buffers) in the
+    teacher.safetensors     project's teacher format (:func:`ltdd.labels.save_teacher`: model config, classes,
+                            channels, image size, data fingerprint), so either can be passed to
+                            ``ltdd eval --labels teacher --teacher``
     train_log.jsonl         one line per trained network: role, test accuracy, seconds
 
 Each network is claimed with a lock file, so ranks (``i % world == rank``) or concurrent processes never write the
@@ -30,14 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import DebiasedExpertConfig, ExpertConfig, ModelConfig, TrainConfig, atomic_write_bytes, \
-    atomic_write_text, from_dict, read_jsonl, to_dict
+from .config import DebiasedExpertConfig, ExpertConfig, ModelConfig, TrainConfig, atomic_write_text, read_jsonl, \
+    to_dict
 from .data.fingerprint import check_compatible, fingerprint
 from .errors import LtddError
 from .locks import try_lock, unlock
@@ -45,7 +44,7 @@ from .models import create_model
 from .rldd_losses import MIXES, SCHEDULES, alpha_schedule, debias_loss, mix_batch, reweighting, robust_loss
 
 __all__ = ["ROLES", "ProjectionHeads", "DebiasedStore", "train_debiased_model", "train_debiased_experts",
-           "save_network", "load_network", "network_bytes", "has_batchnorm", "role_model"]
+           "has_batchnorm", "role_model"]
 
 ROLES = ("observer", "teacher")
 ROBUST_FORMS = ("spec", "simsiam")
@@ -76,45 +75,6 @@ def check_debiased_config(d: DebiasedExpertConfig) -> None:
         raise LtddError("experts.debiased.gamma_debias must be > 0: without it the classifier head is never trained")
     if d.proj_dim < 1 or d.pred_hidden < 1:
         raise LtddError("experts.debiased.proj_dim and pred_hidden must be >= 1")
-
-
-# ---- networks on disk ------------------------------------------------------------------------------------------
-
-
-def network_bytes(model: nn.Module, model_cfg: ModelConfig, num_classes: int, channels: int, im_size, **meta) -> bytes:
-    """A network as safetensors bytes: its state_dict (parameters and buffers) and, in the metadata, what builds
-    it again (model config, classes, channels, image size) plus ``meta``."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    info = {"model": to_dict(model_cfg), "num_classes": int(num_classes), "channels": int(channels),
-            "im_size": [int(s) for s in (im_size if not isinstance(im_size, int) else (im_size, im_size))], **meta}
-    return st_save(tensors, metadata={"ltdd_network": json.dumps(info, default=str)})
-
-
-def save_network(path: str | Path, model: nn.Module, model_cfg: ModelConfig, num_classes: int, channels: int,
-                 im_size, **meta) -> Path:
-    path = Path(path)
-    atomic_write_bytes(path, network_bytes(model, model_cfg, num_classes, channels, im_size, **meta))
-    return path
-
-
-def load_network(path: str | Path, device=None) -> tuple[nn.Module, dict]:
-    """(model in eval mode, its metadata) from a file written by :func:`save_network`."""
-    path = Path(path)
-    if not path.is_file():
-        raise LtddError(f"network file not found: {path}")
-    try:
-        tensors = st_load(path.read_bytes())
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {})["ltdd_network"])
-    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise LtddError(f"{path} is not an ltdd network file ({str(e).splitlines()[0][:100]})") from None
-    mcfg = from_dict(ModelConfig, info["model"])
-    model = create_model(mcfg.name, info["num_classes"], info["channels"], tuple(info["im_size"]), **mcfg.args)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise LtddError(f"{path} does not fit model {mcfg.name} ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device or torch.device("cpu")).eval(), info
 
 
 # ---- training --------------------------------------------------------------------------------------------------
@@ -281,13 +241,15 @@ class DebiasedStore:
         return {r: int(self.path(r).is_file()) for r in ROLES}
 
     def load(self, role: str, data, device=None) -> tuple[nn.Module, ModelConfig]:
-        """The trained network of ``role`` (eval mode) after checking it belongs to ``data``."""
+        """The trained network of ``role`` (frozen, eval mode) after checking it belongs to ``data``."""
+        from .labels import load_teacher
+
         self.check(data)
         p = self.path(role)
         if not p.is_file():
             raise LtddError(f"expert store {self.root} has no {role}; train it with `ltdd experts`")
-        model, info = load_network(p, device)
-        return model, from_dict(ModelConfig, info["model"])
+        t = load_teacher(p, data, device)
+        return t.model, t.model_cfg
 
     def append_log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
@@ -303,6 +265,7 @@ def train_debiased_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, de
     i % world == r). Returns counts and seconds like :func:`ltdd.experts.train_experts`."""
     from .evaluate import test_metrics
     from .experts import check_expert_config
+    from .labels import save_teacher
 
     check_expert_config(cfg)
     check_debiased_config(cfg.debiased)
@@ -332,8 +295,7 @@ def train_debiased_experts(cfg: ExpertConfig, data, store_dir: str | Path, *, de
             model = create_model(mcfg.name, data.num_classes, data.channels, data.im_size, **mcfg.args).to(device)
             train_debiased_model(model, data.train_x, data.train_y, data.num_classes, data.train_counts, cfg.train,
                                  cfg.debiased, seed=seed, progress=progress, desc=role)
-            atomic_write_bytes(store.path(role), network_bytes(model, mcfg, data.num_classes, data.channels,
-                                                               data.im_size, role=role))
+            save_teacher(store.path(role), model, mcfg, data, description=f"RLDD {role} (debiased expert)")
         finally:
             unlock(lock)
         done[role] += 1

@@ -2,6 +2,7 @@
 
 from . import engine  # noqa: F401  (registers "tm")
 from . import coreset, distribution_matching, gradient_matching  # noqa: F401  (random herding kcenter dc dsa dm)
+from . import rldd  # noqa: F401  (registers "rldd")
 from .base import DISTILLERS, Distiller, DivergenceError, make_distiller, register_distiller
 from .run import distill
 

@@ -77,6 +77,13 @@ def check_method_config(run_cfg) -> None:
             raise LtddError(f"{path} is set, but method '{d.method}' does not read it with these settings; "
                             f"remove it")
     cls.check_options(d)
+    if cls.needs_experts:
+        from ..experts import check_expert_config
+
+        if run_cfg.experts.kind != cls.expert_kind:
+            raise LtddError(f"experts.kind is '{run_cfg.experts.kind}', but method '{d.method}' needs "
+                            f"{cls.expert_kind} experts; set experts.kind={cls.expert_kind}")
+        check_expert_config(run_cfg.experts)
     if not cls.needs_experts:
         path = _first_difference(to_dict(ExpertConfig()), to_dict(run_cfg.experts), "experts")
         if path:
@@ -90,6 +97,7 @@ class DivergenceError(LtddError):
 class Distiller(ABC):
     method_name = "?"
     needs_experts = False
+    expert_kind = "trajectory"  # the experts.kind the method needs (when it needs experts)
     OPTIONS: dict = {}  # the method's ``distill.options`` keys and their defaults
     READS: frozenset = frozenset()  # DistillConfig fields the method reads beyond COMMON_FIELDS
 
@@ -143,6 +151,14 @@ class Distiller(ABC):
     @abstractmethod
     def synthetic_set(self) -> SyntheticSet:
         ...
+
+    def write_artifacts(self, folder) -> None:
+        """Write files that belong beside the distilled set into ``folder`` (e.g. RLDD's teacher for relabelling);
+        called before the set is written."""
+
+    def set_meta(self) -> dict:
+        """Entries added to the distilled set's metadata (e.g. the name of a file from :meth:`write_artifacts`)."""
+        return {}
 
     # ---- guards --------------------------------------------------------------------------------------------------
     def check(self, iteration: int, losses: dict) -> None:

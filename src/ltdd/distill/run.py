@@ -158,8 +158,9 @@ def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, 
                 "dataset": data.name, "split_sha": split_sha(data), "preprocessor": _prep_meta(data),
                 "fingerprint": fingerprint(data),
                 "iterations": iterations, "class_names": list(data.class_names),
-                "train_counts": [int(c) for c in data.train_counts]}
+                "train_counts": [int(c) for c in data.train_counts], **distiller.set_meta()}
     if main:
+        distiller.write_artifacts(out)  # before the set that names them
         syn.save(out / "distilled.safetensors")
         save_grid(out / "grid.png", data.preprocessor.to_pixels(syn.images), syn.labels, data.num_classes)
     result = {"method": distiller.method_name, "iterations": iterations, "seconds": seconds,
