@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     experts = work / "experts"
     e_over = ["--set", "experts.num_experts=2" if tiny else "experts.num_experts=4",
               "--set", "experts.train.epochs=3", "--set", "experts.classifier_train.epochs=2"]
+    step_limit = 600 if tiny else 90  # tiny runs on CPU: slow, but only the plumbing is checked
     steps.append({"step": "experts (lad preset, cpu profile, tiny)",
                   **run(ltdd + ["experts", "--preset", "lad", "--profile", "cpu", "--out", str(experts)] + e_over + dev,
-                        min(150, left()), env)})
+                        min(150 if not tiny else 600, left()), env)})
 
     # 2. every method end to end: 20 iterations (5 tiny), a 50-epoch evaluation (5 tiny), one run
     its, ev = (5, 5) if tiny else (20, 50)
@@ -77,10 +78,11 @@ def main(argv=None) -> int:
         over = ["--set", f"protocol_overrides.train.epochs={ev}", "--set", "protocol_overrides.runs=1"]
         if m not in ("random", "herding", "kcenter"):
             over += ["--set", f"distill.iterations={its}"]
-        if m in TRAJECTORY:
-            over += ["--experts", str(experts), "--set", "distill.phases.0.max_start_epoch=1"]
+        if m in TRAJECTORY:  # start at epoch 0 (the tiny experts have 3 epochs); no sequential generation
+            over += ["--experts", str(experts), "--set", "distill.phases.0.max_start_epoch=1",
+                     "--set", "distill.phases.0.expansion_end_iteration=0"]
         r = run(ltdd + ["distill", "--preset", m, "--profile", "cpu", "--out", str(out)] + over + dev,
-                min(90, left()), env)
+                min(step_limit, left()), env)
         steps.append({"step": f"{m}: {its} iterations, {ev}-epoch evaluation", **r, "accuracy": accuracy(out)})
 
     # 3. the engine's step cost and memory on this device
@@ -99,12 +101,14 @@ def main(argv=None) -> int:
         big = work / "lad-if100"
         n_exp, ep = (2, 3) if tiny else (8, 22)
         iters = 5 if tiny else (300 if budget > 300 else 100)
-        r1 = run(ltdd + ["experts", "--preset", "lad-cifar10-if100-ipc10", "--out", str(big / "experts"),
+        prof = ["--profile", "cpu"] if tiny else []  # tiny (a CPU plumbing check): width 32
+        r1 = run(ltdd + ["experts", "--preset", "lad-cifar10-if100-ipc10", "--out", str(big / "experts")] + prof + [
                          "--set", f"experts.num_experts={n_exp}", "--set", f"experts.train.epochs={ep}",
                          "--set", "experts.classifier_train.epochs=2"] + dev, budget * 0.45, env)
         steps.append({"step": f"LAD IF 100 IPC 10, width 128: {n_exp} experts x {ep} epochs", **r1})
+        window = ["--set", "distill.phases.0.max_start_epoch=1"] if tiny else []  # tiny: 3-epoch experts
         r2 = run(ltdd + ["distill", "--preset", "lad-cifar10-if100-ipc10", "--experts", str(big / "experts"),
-                         "--out", str(big / "set"), "--set", f"distill.iterations={iters}",
+                         "--out", str(big / "set"), "--set", f"distill.iterations={iters}"] + prof + window + [
                          "--set", "protocol=lad", "--set", "protocol_overrides.train.epochs=300" if not tiny else
                          "protocol_overrides.train.epochs=5", "--set", "protocol_overrides.runs=2"] + dev,
                  max(10.0, left() - 10), env)

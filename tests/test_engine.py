@@ -277,3 +277,10 @@ def test_an_expert_that_does_not_move_is_an_error(tiny_store, tiny_data):
     ph, th0, _, plan = _fixed(eng)
     with pytest.raises(LtddError, match="does not move"):
         eng._phase_exact(ph, th0, th0.clone(), plan, eng.images, eng.soft, eng.lr)
+
+
+def test_sequential_generation_must_start_inside_the_window(tiny_store, tiny_data):
+    """A growing start window that begins beyond its end would draw start epochs the experts do not have."""
+    ph = PhaseConfig(max_start_epoch=1, current_max_start_epoch=3, expansion_end_iteration=10, syn_steps=1)
+    with pytest.raises(LtddError, match="current_max_start_epoch"):
+        _engine(tiny_store, tiny_data, phases=[ph])

@@ -141,6 +141,11 @@ class TrajectoryMatching(Distiller):
                             "with hard labels use ce (or dam for the class-frequency-weighted loss)")
         if ph.syn_steps < 1 or ph.expert_epochs < 1:
             raise LtddError(f"phase '{ph.name}': syn_steps and expert_epochs must be >= 1")
+        if ph.current_max_start_epoch is not None and ph.expansion_end_iteration > 0 and not (
+                ph.min_start_epoch < ph.current_max_start_epoch <= ph.max_start_epoch):
+            raise LtddError(f"phase '{ph.name}': current_max_start_epoch ({ph.current_max_start_epoch}) must lie in "
+                            f"({ph.min_start_epoch}, max_start_epoch = {ph.max_start_epoch}]: the start window "
+                            "grows from it to max_start_epoch")
         if ph.max_start_epoch <= ph.min_start_epoch:
             raise LtddError(f"phase '{ph.name}': max_start_epoch ({ph.max_start_epoch}) must exceed "
                             f"min_start_epoch ({ph.min_start_epoch})")
