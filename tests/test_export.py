@@ -377,11 +377,11 @@ def test_a_failure_mid_export_leaves_no_folder(tmp_path, monkeypatch, fmt, fail_
 def digits_run(tmp_path_factory):
     """A digits run folder as `ltdd distill` leaves it (distilled.safetensors with its metadata, config.yaml) plus
     a teacher. IF 10 with n_max 20 gives tail classes with 2 images, fewer than IPC 3 (duplicated cyclically)."""
-    from safetensors.torch import save_file
-
-    from ltdd.config import DataConfig, DistillConfig, RunConfig, save_yaml, to_dict
+    from ltdd.config import DataConfig, DistillConfig, ModelConfig, RunConfig, save_yaml, to_dict
     from ltdd.data import prepare_data
     from ltdd.data.fingerprint import fingerprint, split_sha
+    from ltdd.labels import save_teacher
+    from ltdd.models import create_model
 
     root = tmp_path_factory.mktemp("digits_run")
     with pytest.MonkeyPatch.context() as patch:
@@ -402,11 +402,13 @@ def digits_run(tmp_path_factory):
         run_cfg = RunConfig(data=cfg, distill=DistillConfig(method="tm", ipc=ipc, duplicate=False, temperature=2.0),
                             protocol="dc", protocol_overrides={"train": {"temperature": 1.5}})
         save_yaml(run / "config.yaml", run_cfg)
-        teacher = {"features.0.weight": torch.randn(4, 1, 3, 3), "classifier.bias": torch.randn(10)}
-        save_file(teacher, str(run / "teacher.safetensors"))
-        (run / "teacher.json").write_text(json.dumps({"model": {"name": "convnet"}, "trained_on": "long-tailed"}))
+        torch.manual_seed(0)
+        net = create_model("convnet", 10, data.channels, data.im_size, width=8).eval()
+        save_teacher(run / "teacher.safetensors", net, ModelConfig("convnet", {"width": 8}), data,
+                     description="test teacher")
+        teacher = {k: v.detach().clone() for k, v in net.state_dict().items()}
         yield types.SimpleNamespace(path=path, run=run, syn=syn, data=data, cfg=cfg, run_cfg=to_dict(run_cfg),
-                                    teacher=teacher, ipc=ipc, root=root)
+                                    teacher=teacher, net=net, ipc=ipc, root=root)
 
 
 @pytest.mark.parametrize("fmt", ["imagefolder", "ddranking"])
@@ -468,8 +470,10 @@ def test_manifest_fields_on_digits(tmp_path, digits_run, fmt):
     assert m["method"]["run_config"]["protocol"] == "dc"
     assert m["set_meta"] == d.syn.meta
 
-    # the teacher ships with it
-    assert m["teacher"]["info"] == {"model": {"name": "convnet"}, "trained_on": "long-tailed"}
+    # the teacher ships with it, with its description (the ltdd.labels teacher format)
+    assert m["teacher"]["info"]["model"] == {"name": "convnet", "args": {"width": 8}}
+    assert m["teacher"]["info"]["description"] == "test teacher"
+    assert json.loads((out / "teacher.json").read_text()) == m["teacher"]["info"]
     assert (out / "teacher.safetensors").read_bytes() == (d.run / "teacher.safetensors").read_bytes()
 
     # sha256 of every file written; SHA256SUMS covers them and the manifest
@@ -492,6 +496,14 @@ def test_ddranking_export_of_digits_with_teacher(tmp_path, digits_run):
     for k, v in d.teacher.items():
         torch.testing.assert_close(pt[k], v, rtol=0, atol=0)
     assert "teacher_model.pt" in m["teacher"]["pt_note"] and ".pt" in m["teacher"]["pt_note"]
+    # both teacher files are teachers ltdd itself reads (the .pt through teacher_model.json beside it)
+    from ltdd.labels import load_teacher
+
+    x = d.data.train_x[:5]
+    with torch.no_grad():
+        want = d.net(x)
+        for name in ("teacher_model.pt", "teacher.safetensors"):
+            torch.testing.assert_close(load_teacher(out / name, d.data).model(x), want, rtol=0, atol=0)
     assert m["ddranking"]["files"]["teacher"] == "teacher_model.pt"
     notes = " ".join(m["ddranking"]["notes"])
     assert "fits its ZCA on the balanced train set" in notes and "long-tailed" in notes

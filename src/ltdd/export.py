@@ -19,8 +19,9 @@ Two layouts, each a folder with ``manifest.json``, ``SHA256SUMS`` and ``preproce
   exactly IPC images per class: anything else is refused with a one-line error.
 
 Both layouts also carry the set's teacher when it has one (``teacher.safetensors`` + ``teacher.json`` beside the
-set, written by methods that relabel with a teacher): copied as is, and for ``ddranking`` also as
-``teacher_model.pt``, ``torch.save`` of a plain state_dict of tensors (DD-Ranking loads a .pt checkpoint).
+set, or the file its metadata names, in the :mod:`ltdd.labels` teacher format): copied as is with its description
+as ``teacher.json``, and for ``ddranking`` also as ``teacher_model.pt``, ``torch.save`` of a plain state_dict of
+tensors (DD-Ranking loads a .pt checkpoint), with ``teacher_model.json`` beside it.
 
 ``manifest.json`` (:data:`FORMAT`, version :data:`FORMAT_VERSION`) says everything needed to use the set without
 ltdd: the dataset and its long-tailed split (imbalance factor, split seed, real count per class, fingerprint), the
@@ -65,6 +66,7 @@ SOFT_LABELS = "soft_labels.safetensors"
 TEACHER = "teacher.safetensors"
 TEACHER_INFO = "teacher.json"
 TEACHER_PT = "teacher_model.pt"
+TEACHER_PT_INFO = "teacher_model.json"
 FORMAT = "ltdd-export"
 FORMAT_VERSION = 1
 
@@ -262,26 +264,23 @@ def _read_teacher(teacher: str | Path | None) -> tuple[bytes, dict[str, torch.Te
         raise LtddError(f"teacher {path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
     if not tensors:
         raise LtddError(f"teacher {path} holds no tensors")
-    info_path = path.with_suffix(".json")
-    info_blob, info = None, {}
-    if info_path.is_file():  # a description beside it
-        info_blob = info_path.read_bytes()
-        try:
-            info = json.loads(info_blob)
-        except json.JSONDecodeError as e:
-            raise LtddError(f"teacher description {info_path} is not JSON ({e.msg} at line {e.lineno})") from None
-    else:  # or the one ltdd writes into the file's metadata (what builds the network again)
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("ltdd_network")
-        try:
-            info = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            info = {"ltdd_network": raw}
-        if info:
-            info_blob = (json.dumps(info, indent=2) + "\n").encode("utf-8")
-    return blob, tensors, info_blob, info if isinstance(info, dict) else {"value": info}
+    from .labels import NETWORK_KEY, TEACHER_KEY
+
+    with safe_open(str(path), framework="pt") as f:  # the ltdd.labels teacher format: the description inside
+        md = f.metadata() or {}
+    raw, where = md.get(TEACHER_KEY) or md.get(NETWORK_KEY), f"the '{TEACHER_KEY}' metadata of {path}"
+    info_path = path.with_suffix(".json")
+    if raw is None and info_path.is_file():  # or a description beside it
+        raw, where = info_path.read_text(), str(info_path)
+    try:
+        info = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise LtddError(f"teacher description in {where} is not JSON ({e.msg} at line {e.lineno})") from None
+    info = info if isinstance(info, dict) else {"value": info}
+    info_blob = (json.dumps(info, indent=2) + "\n").encode("utf-8") if info else None
+    return blob, tensors, info_blob, info
 
 
 def _protocol(meta: dict, rc: dict) -> dict | None:
@@ -429,8 +428,12 @@ def _teacher_section(files: _Files, teacher, pt: bool) -> dict | None:
     if pt:
         files.write(TEACHER_PT, _torch_bytes({k: _plain(v, v.dtype) for k, v in tensors.items()}))
         out["pt_file"] = TEACHER_PT
+        if info_blob is not None:  # what ltdd.labels.load_teacher needs beside a .pt
+            files.write(TEACHER_PT_INFO, info_blob)
+            out["pt_info_file"] = TEACHER_PT_INFO
         out["pt_note"] = ("DD-Ranking expects a .pt checkpoint: teacher_model.pt is torch.save of a plain state_dict "
-                          "of tensors (same tensors as teacher.safetensors); load it with weights_only=True")
+                          "of tensors (same tensors as teacher.safetensors, no other objects); load it with "
+                          "torch.load(path, weights_only=True)")
     return out
 
 
