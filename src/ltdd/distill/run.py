@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, atomic_write_bytes, atomic_write_text, save_json, save_yaml, to_dict
+from ..config import RunConfig, atomic_write_bytes, atomic_write_text, read_jsonl, save_json, save_yaml, to_dict
 from ..distributed import rank_world
 from ..errors import LtddError
 from ..synset import SyntheticSet, save_grid
@@ -72,15 +72,8 @@ def _truncate_log(path: Path, keep_below: int) -> None:
     written after the last checkpoint."""
     if not path.is_file():
         return
-    kept = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("iteration", -1) < keep_below:
-            kept.append(ln)
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+    kept = [rec for rec in read_jsonl(path) if rec.get("iteration", -1) < keep_below]
+    atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
 
 def distill(run_cfg: RunConfig, data, out_dir: str | Path, *, experts_dir=None, device=None, resume: bool = False,
