@@ -5,6 +5,9 @@
 * :mod:`.lad_table` / :mod:`.lad_report`: the LAD paper's Table 1 on CIFAR-10-LT and its report.
 * :mod:`.two_stage_table` / :mod:`.two_stage_report`: the two-stage paper's Tables 1-3 and their report.
 * :mod:`.netstore`: the two-stage table's trained networks with their test logits.
+* :mod:`.compute_table` / :mod:`.compute_report`: the accuracy-vs-compute table (points as YAML data in ``grids/``),
+  its report; :mod:`.compute_cost` (plan-time estimates), :mod:`.compute_reading` (best per budget decade, where
+  two curves cross), :mod:`.compute_command` (its ``--plan`` / run).
 * :mod:`.adopt`: one-time import of legacy (name-keyed) cells.
 * :mod:`.paper`: the papers' numbers (YAML data files in ``paper/``).
 * :mod:`.command`: the ``ltdd reproduce`` command (``reproduce_cmd``).

@@ -12,7 +12,7 @@ from .lad_table import DEFAULT_ROOT
 
 __all__ = ["reproduce_cmd", "TABLES", "main"]
 
-TABLES = ("lad-cifar10lt", "two-stage")
+TABLES = ("lad-cifar10lt", "two-stage", "accuracy-vs-compute")
 LAD_ONLY = ("ifs", "ipcs", "methods", "variant", "full_epochs")
 TWO_STAGE_ONLY = ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_iterations", "mtt_experts",
                   "expert_epochs", "mtt_lr_lr", "M", "raw_pixels")
@@ -81,8 +81,11 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     numbers.
 
     TABLE is lad-cifar10lt (the LAD paper's Table 1 on CIFAR-10-LT: cells of imbalance factor x images per class x
-    method; MTT, DATM and LAD share one expert store per imbalance factor) or two-stage (the two-stage paper's
-    Tables 1-3: flat and two-stage rows on CIFAR-10-LT, n_max 1000, IF 100, with the grouping and its stability).
+    method; MTT, DATM and LAD share one expert store per imbalance factor), two-stage (the two-stage paper's
+    Tables 1-3: flat and two-stage rows on CIFAR-10-LT, n_max 1000, IF 100, with the grouping and its stability)
+    or accuracy-vs-compute (CIFAR-10-LT IF 100, IPC 10: random, DM, DC, MTT, DATM, LAD and RLDD, each at several
+    distillation budgets, accuracy against measured single-core seconds including the expert stores; cpu profile
+    only; --plan shows every point with its estimated compute and the total).
 
     Every cell is keyed by everything that determines it (its resolved configuration, the data's fingerprint and
     the options that reach it) and recorded in RESULTS/cells/TABLE-PROFILE/CELL.json, small enough to commit: a
@@ -93,7 +96,8 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     if table not in TABLES:
         raise LtddError(f"unknown table '{table}' (known: {', '.join(TABLES)})")
     given = {k for k, v in table_opts.items() if v not in (None, (), False)}
-    foreign = given & set(TWO_STAGE_ONLY if table == "lad-cifar10lt" else LAD_ONLY)
+    foreign = given & set(TWO_STAGE_ONLY if table == "lad-cifar10lt" else LAD_ONLY if table == "two-stage"
+                          else LAD_ONLY + TWO_STAGE_ONLY)
     if foreign:
         raise LtddError(f"{', '.join(_flag(k) for k in sorted(foreign))}: "
                         f"{'not an option' if len(foreign) == 1 else 'not options'} of the {table} table")
@@ -104,6 +108,12 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     common = dict(profile=profile, root=root, runs=runs, device=device, work=work, results=results)
     if table == "lad-cifar10lt":
         _lad(common, table_opts, plan=plan, report_only=report_only, adopt=adopt)
+    elif table == "accuracy-vs-compute":
+        if adopt:
+            raise LtddError("--adopt-legacy is for the lad-cifar10lt table")
+        from .compute_command import run_compute
+
+        run_compute(common, plan=plan, report_only=report_only)
     else:
         if adopt:
             raise LtddError("--adopt-legacy is for the lad-cifar10lt table (the two-stage table has no legacy cells "

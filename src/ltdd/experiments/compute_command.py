@@ -1,0 +1,72 @@
+"""``ltdd reproduce accuracy-vs-compute``: print the plan with its compute estimates, write the report, or run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .cells import STATES, log
+from .compute_table import TABLE, ComputeGrid, ComputeOptions
+
+__all__ = ["run_compute", "plan_text"]
+
+
+def _h(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 3600:.2f} h"
+
+
+def plan_text(grid: ComputeGrid) -> list[str]:
+    """The stores and points with their state, key hash, scale and estimated single-core compute, and the total."""
+    stores, points = grid.plan()
+    out = [f"{'store':22s} {'state':8s} {'hash':12s}  {'preset':10s} {'est.':>8s}  experts (read by)"]
+    for r in stores:
+        users = "; ".join(f"{k}: {len(v)} points" for k, v in r["users"].items())
+        out.append(f"{r['cell']:22s} {r['state']:8s} {r['hash']}  {r['preset']:10s} {_h(r['estimate']):>8s}  "
+                   f"{r['what']} ({users})")
+    out += ["", f"{'point':16s} {'state':8s} {'hash':12s}  {'method':6s} {'compute':>8s} {'amort.':>8s} "
+                f"{'distill':>8s} {'store':>8s}  scale"]
+    for r in points:
+        e = r["estimate"]
+        out.append(f"{r['cell']:16s} {r['state']:8s} {r['hash']}  {r['method']:6s} {_h(e['compute']):>8s} "
+                   f"{_h(e['compute_amortised']):>8s} {_h(e['distill']):>8s} {_h(e['store']):>8s}  {r['what']}")
+    rows = stores + points
+    n = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    tot = grid.total_estimate()
+    out += ["", f"{len(points)} points and {len(stores)} expert stores: {n['done']} done, {n['running']} running, "
+                f"{n['partial']} partial, {n['to do']} to do" + (f", {n['stale']} stale" if n["stale"] else ""),
+            "compute: the point's distillation + the experts it reads, charged in full (amort.: shared among the "
+            "points that read them); estimates in single-core seconds from the grid file's cost model",
+            f"estimated total to fill the table: {tot['total'] / 3600:.1f} single-core hours (stores "
+            f"{tot['stores'] / 3600:.1f} h, distillations {tot['distill'] / 3600:.1f} h, evaluations "
+            f"{tot['eval'] / 3600:.1f} h); about {tot['total'] / 3600 / max(1, os.cpu_count() or 1):.1f} h with one "
+            f"process per core on this machine's {os.cpu_count()} cores"]
+    return out
+
+
+def run_compute(common: dict, *, plan: bool, report_only: bool) -> None:
+    """Plan, report or run the table with the command's common options."""
+    from .compute_report import write_report
+
+    opts = ComputeOptions(**common)
+    if plan:
+        for line in plan_text(ComputeGrid(opts)):
+            click.echo(line)
+        return
+    if report_only:
+        grid = ComputeGrid(opts)
+        stem = write_report(grid)
+        stale = grid.collect()[2]
+        if stale:
+            log(f"left out {len(stale)} cells recorded under another key (stale): {', '.join(stale)}")
+        log(f"wrote {stem}.md, .json and .png from the finished cells")
+        return
+    from ..train import resolve_device
+
+    grid = ComputeGrid(opts, resolve_device(opts.device))
+    Path(opts.results).mkdir(parents=True, exist_ok=True)
+    grid.table.on_cell = lambda: write_report(grid)  # the report grows point by point
+    grid.run()
+    stem = write_report(grid)
+    log(f"wrote {stem}.md, .json and .png ({TABLE})")

@@ -1,0 +1,134 @@
+"""The automatic reading of an accuracy-vs-compute table: the best method per budget decade and where two curves cross.
+
+Inputs are plain numbers - ``{method: [{"name", "compute", "mean", "std"}, ...]}`` with compute in single-core
+seconds and accuracies as fractions - so the logic is tested on hand-made curves. A curve is its points sorted by
+compute, joined by straight segments in log10(compute).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["curve", "best_per_decade", "crossing", "crossing_text", "decade_lines"]
+
+
+def curve(points: list[dict]) -> list[dict]:
+    """The points with a measured compute > 0, sorted by compute."""
+    return sorted((p for p in points if p.get("compute") and p["compute"] > 0 and p.get("mean") is not None),
+                  key=lambda p: p["compute"])
+
+
+def _interp(c: list[dict], lx: float, key: str) -> float:
+    xs = [math.log10(p["compute"]) for p in c]
+    for i in range(len(c) - 1):
+        if xs[i] <= lx <= xs[i + 1]:
+            t = 0.0 if xs[i + 1] == xs[i] else (lx - xs[i]) / (xs[i + 1] - xs[i])
+            return c[i][key] + t * (c[i + 1][key] - c[i][key])
+    raise ValueError("outside the curve")
+
+
+def best_per_decade(curves: dict[str, list[dict]]) -> list[dict]:
+    """For every decade [10^k, 10^(k+1)) of single-core seconds that holds a point: the best point inside it and the
+    best point affordable within its upper edge (any compute below 10^(k+1))."""
+    pts = [dict(p, method=m) for m, c in curves.items() for p in curve(c)]
+    if not pts:
+        return []
+    lo = math.floor(math.log10(min(p["compute"] for p in pts)))
+    hi = math.floor(math.log10(max(p["compute"] for p in pts)))
+    out = []
+    for k in range(lo, hi + 1):
+        inside = [p for p in pts if 10 ** k <= p["compute"] < 10 ** (k + 1)]
+        if not inside:
+            continue
+        afford = [p for p in pts if p["compute"] < 10 ** (k + 1)]
+        out.append({"decade": k, "best": max(inside, key=lambda p: p["mean"]),
+                    "within": max(afford, key=lambda p: p["mean"])})
+    return out
+
+
+def crossing(a: list[dict], b: list[dict]) -> dict:
+    """Where curve ``a`` crosses curve ``b`` over the compute range both cover.
+
+    ``status``: ``few`` (a curve has fewer than 2 points), ``disjoint`` (no common compute range), ``crosses``
+    (the difference a - b changes sign: ``at`` lists each crossing as ``(seconds, "up" | "down")``, up = a rises
+    above b) or ``above`` / ``below`` (a stays on one side). ``clear``: the gap exceeds the two curves' combined
+    standard deviation on both sides of every crossing (or, without one, somewhere in the range).
+    """
+    a, b = curve(a), curve(b)
+    if len(a) < 2 or len(b) < 2:
+        return {"status": "few", "points": (len(a), len(b))}
+    lo = max(math.log10(a[0]["compute"]), math.log10(b[0]["compute"]))
+    hi = min(math.log10(a[-1]["compute"]), math.log10(b[-1]["compute"]))
+    if lo >= hi:
+        return {"status": "disjoint", "range": None}
+    knots = sorted({lo, hi, *(math.log10(p["compute"]) for p in a + b if lo < math.log10(p["compute"]) < hi)})
+    d = [_interp(a, x, "mean") - _interp(b, x, "mean") for x in knots]
+    s = [math.hypot(_interp(a, x, "std"), _interp(b, x, "std")) for x in knots]
+    signed = [(x, v, sd) for x, v, sd in zip(knots, d, s) if v != 0]
+    at, clear = [], True
+    for (x0, v0, _), (x1, v1, _) in zip(signed, signed[1:]):
+        if (v0 > 0) != (v1 > 0):
+            lx = x0 + (x1 - x0) * v0 / (v0 - v1)
+            at.append((10 ** lx, "up" if v1 > 0 else "down"))
+            before = [abs(v) > sd for x, v, sd in signed if x < lx and (v > 0) == (v0 > 0)]
+            after = [abs(v) > sd for x, v, sd in signed if x > lx and (v > 0) == (v1 > 0)]
+            clear = clear and any(before) and any(after)
+    out = {"range": (10 ** lo, 10 ** hi), "gaps": [(10 ** x, v, sd) for x, v, sd in zip(knots, d, s)]}
+    if at:
+        return {**out, "status": "crosses", "at": at, "clear": clear}
+    side = "above" if all(v >= 0 for v in d) else "below"
+    return {**out, "status": side, "clear": any(abs(v) > sd for v, sd in zip(d, s))}
+
+
+def crossing_text(a_name: str, b_name: str, res: dict, done: tuple[int, int] | None = None,
+                  planned: tuple[int, int] | None = None) -> str:
+    """One sentence from :func:`crossing`; 'not enough points yet' while planned points of either curve are
+    missing (with the provisional reading when there is one)."""
+    def pct(v: float) -> str:
+        return f"{100 * v:+.1f}"
+
+    missing = done is not None and planned is not None and (done[0] < planned[0] or done[1] < planned[1])
+    head = (f"not enough points yet ({a_name} {done[0]}/{planned[0]}, {b_name} {done[1]}/{planned[1]} points done)"
+            if missing else "")
+    st = res["status"]
+    if st == "few":
+        return head or "not enough points yet (fewer than two finished points on a curve)"
+    if st == "disjoint":
+        body = f"{a_name}'s and {b_name}'s points cover no common compute range, so the curves cannot be compared"
+    else:
+        lo, hi = res["range"]
+        gaps = ", ".join(f"{pct(v)} pts at {_sec(x)} s" for x, v, _ in (res["gaps"][0], res["gaps"][-1]))
+        if st == "crosses":
+            where = "; ".join(f"{'rises above' if direction == 'up' else 'falls below'} {b_name} at about {_sec(x)} "
+                              f"single-core s" for x, direction in res["at"])
+            body = (f"{a_name}'s curve crosses {b_name}'s: it {where} (common range {_sec(lo)}-{_sec(hi)} s; gap "
+                    f"{a_name} - {b_name}: {gaps}); "
+                    + ("the gaps on both sides exceed the runs' spread" if res["clear"] else
+                       "but the gaps are within the runs' spread (std), so the crossing is not resolved"))
+        else:
+            body = (f"{a_name}'s curve does not cross {b_name}'s: it stays {st} it over {_sec(lo)}-{_sec(hi)} "
+                    f"single-core s (gap {a_name} - {b_name}: {gaps})"
+                    + ("" if res["clear"] else "; the gap is within the runs' spread (std) throughout"))
+    return f"{head}; so far: {body}" if head else body
+
+
+def _sec(x: float) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def decade_lines(rows: list[dict], random: dict | None = None) -> list[str]:
+    """Markdown bullets of :func:`best_per_decade`, each beside the random baseline when there is one."""
+    out = []
+    for r in rows:
+        k, b, w = r["decade"], r["best"], r["within"]
+        line = (f"10^{k}-10^{k + 1} s: best in this decade **{b['method']}** ({b['name']}, "
+                f"{100 * b['mean']:.1f}±{100 * b['std']:.1f} % at {_sec(b['compute'])} s)")
+        if w["name"] != b["name"]:
+            line += (f"; best within {10 ** (k + 1)} s: {w['method']} ({w['name']}, {100 * w['mean']:.1f} % at "
+                     f"{_sec(w['compute'])} s)")
+        if random is not None:
+            margin = b["mean"] - random["mean"]
+            line += (f"; {100 * margin:+.1f} pts vs random"
+                     + (" (within random's std)" if abs(margin) <= random["std"] else ""))
+        out.append(line)
+    return out
