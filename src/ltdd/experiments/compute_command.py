@@ -22,7 +22,7 @@ def plan_text(grid: ComputeGrid) -> list[str]:
     stores, points = grid.plan()
     out = [f"{'store':22s} {'state':8s} {'hash':12s}  {'preset':10s} {'est.':>8s}  experts (read by)"]
     for r in stores:
-        users = "; ".join(f"{k}: {len(v)} points" for k, v in r["users"].items())
+        users = "; ".join(f"{k}: {len(v)} point{'s' * (len(v) != 1)}" for k, v in r["users"].items())
         out.append(f"{r['cell']:22s} {r['state']:8s} {r['hash']}  {r['preset']:10s} {_h(r['estimate']):>8s}  "
                    f"{r['what']} ({users})")
     out += ["", f"{'point':16s} {'state':8s} {'hash':12s}  {'method':6s} {'compute':>8s} {'amort.':>8s} "
