@@ -148,3 +148,87 @@ def test_cifar10_pickles_pipeline(tmp_path):
                      cache_dir=False)
     assert d.train_counts == longtail_counts(20, 10, 10) and d.test_counts == [4] * 10
     assert d.channels == 3 and d.im_size == (32, 32) and d.class_names[0] == "c0"
+
+
+# ---- ltdd run: the distilled set beside its initial set, random real images and the full data ----------------
+
+
+def test_run_pipeline_compares_with_initial_random_and_full_data(tmp_path, one_thread):
+    from ltdd.config import load_preset
+    from ltdd.synset import SyntheticSet
+    from ltdd.workflow import run_pipeline
+
+    cfg = load_preset("quickstart", overrides=[
+        "data.image_size=8", "distill.ipc=3", "experts.num_experts=2", "experts.train.epochs=4",
+        "experts.classifier_train.epochs=2", "distill.iterations=3", "distill.phases.0.max_start_epoch=3",
+        "protocol_overrides.train.epochs=20", "protocol_overrides.runs=2"])
+    out = tmp_path / "run"
+    printed: list[str] = []
+    summary = run_pipeline(cfg, out, echo=printed.append)
+    comp = json.loads((out / "comparison.json").read_text())
+    assert [r["key"] for r in comp["rows"]] == ["distilled", "initial", "random", "full"]
+    rows = {r["key"]: r for r in comp["rows"]}
+    assert rows["distilled"]["name"] == "distilled (LAD)"
+    assert rows["distilled"]["labels"] == "learned soft labels, learned step size"
+    assert rows["initial"]["labels"].startswith("expert soft labels") and rows["random"]["labels"] == "hard labels"
+    assert all(r["summary"]["runs"] == 2 for r in comp["rows"])  # one protocol for every row
+    data = prepare_data(cfg.data)
+    assert rows["full"]["images"] == len(data.train_y) and rows["random"]["images"] == 3 * data.num_classes
+    # random real images: hard labels, real training images, classes with fewer than IPC images repeated
+    rnd = SyntheticSet.load(out / "random_real")
+    assert rnd.soft_labels is None and rnd.lr is None
+    assert rnd.labels.tolist() == [c for c in range(10) for _ in range(3)]
+    train = {t.numpy().tobytes(): int(y) for t, y in zip(data.train_x, data.train_y)}
+    assert all(train.get(x.numpy().tobytes()) == int(y) for x, y in zip(rnd.images, rnd.labels))
+    tail = data.num_classes - 1
+    assert data.train_counts[tail] < 3  # IF 50: the last class has fewer images than IPC ...
+    block = rnd.images[rnd.labels == tail]
+    assert len({b.numpy().tobytes() for b in block}) == data.train_counts[tail]  # ... so they repeat
+    # the initial set is the distilled run before its first iteration: real images, expert soft labels, lr_init
+    from ltdd.distill import make_distiller
+
+    init, dist = SyntheticSet.load(out / "initial"), SyntheticSet.load(out / "distilled")
+    eng = make_distiller(cfg.distill, data, experts_dir=out / "experts")
+    eng.initialise()
+    start = eng.synthetic_set()
+    assert torch.equal(init.images, start.images) and torch.equal(init.soft_labels, start.soft_labels)
+    assert init.lr == pytest.approx(cfg.distill.lr_init)
+    assert not torch.equal(init.images, dist.images) and torch.equal(init.labels, dist.labels)
+    # the reading: printed last, recorded in the run folder and the report
+    assert printed[-1] == comp["reading"][0] == summary["reading"][0]
+    assert printed[-1].startswith("distilled 3 images/class: ") and " vs random real " in printed[-1]
+    assert printed[-1].endswith("(test accuracy, mean of 2 runs)")
+    assert "which is what the 3 iterations added" in printed[-2]
+    md = (out / "report.md").read_text()
+    assert "| distilled (LAD) | learned soft labels, learned step size | 30 |" in md
+    assert "| random real images | hard labels | 30 |" in md and f"**{comp['reading'][0]}**" in md
+    assert "| set | 0 (" in md  # the per-class table
+
+
+def test_comparison_configs_and_label_modes():
+    from ltdd.config import load_preset
+    from ltdd.workflow import initial_config, label_mode, method_label, random_config
+
+    names = {p: method_label(load_preset(p, "cpu").distill) for p in ("lad", "datm", "mtt")}
+    assert names == {"lad": "LAD", "datm": "DATM", "mtt": "MTT"}
+    cfg = load_preset("quickstart", overrides=["distill.seed=4", "distill.ipc=2"])
+    rnd = random_config(cfg).distill
+    assert (rnd.method, rnd.ipc, rnd.seed, rnd.duplicate) == ("random", 2, 4, cfg.distill.duplicate)
+    assert initial_config(cfg).distill.iterations == 0 and initial_config(cfg).distill.phases == cfg.distill.phases
+    mtt = load_preset("mtt", "cpu").distill
+    assert label_mode(mtt, "distilled") == "hard labels, learned step size"
+    assert label_mode(mtt, "initial") == "hard labels, step size 0.01"
+
+
+def test_small_images_run_on_one_thread(monkeypatch, digits_plain):
+    from ltdd.workflow import cpu_threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads_for(digits_plain, "cpu") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads_for(digits_plain, "cpu") is None  # the user's choice wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    import types
+
+    big = types.SimpleNamespace(channels=3, im_size=(32, 32))
+    assert cpu_threads_for(big, "cpu") is None

@@ -62,3 +62,37 @@ def test_report_without_logs_has_no_curves_and_empty_folder_is_refused(tmp_path)
     with pytest.raises(LtddError, match="no eval.json"):
         (tmp_path / "empty").mkdir()
         write_report(tmp_path / "empty")
+
+
+def test_report_with_comparison_lists_its_rows_first_with_labels(tmp_path):
+    """comparison.json (written by ltdd run) names the rows, gives their label modes and sizes, orders them, and
+    adds the reading and a per-class table; result files it does not list still appear after its rows."""
+    for sub, acc in (("distilled", 0.8), ("random_real", 0.6), ("other", 0.3)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "eval.json").write_text(json.dumps({"summary": _summary(acc), "seconds": 2}))
+    (tmp_path / "full_data.json").write_text(json.dumps({"summary": _summary(0.9), "method": "erm",
+                                                         "seconds": 5}))
+    (tmp_path / "data.json").write_text(json.dumps({"class_names": ["a", "b"], "train_counts": [50, 1]}))
+    rows = [{"key": "distilled", "name": "distilled (LAD)", "labels": "learned soft labels", "images": 2,
+             "path": "distilled/eval.json", "summary": _summary(0.8), "seconds": 11},
+            {"key": "random", "name": "random real images", "labels": "hard labels", "images": 2,
+             "path": "random_real/eval.json", "summary": _summary(0.6), "seconds": 2},
+            {"key": "full", "name": "full data (ERM)", "labels": "hard labels (every training image)", "images": 51,
+             "path": "full_data.json", "summary": _summary(0.9), "seconds": 5}]
+    reading = ["distilled 1 image/class: 80.0 % vs random real 60.0 % vs full data 90.0 % (test accuracy, mean of 3 "
+               "runs)", "distilled set: +20.0 points over random real images"]
+    (tmp_path / "comparison.json").write_text(json.dumps({
+        "rows": rows, "reading": reading,
+        "protocol": {"model": {"name": "convnet", "args": {"width": 32}}, "train": {"epochs": 200}, "runs": 3}}))
+    md = write_report(tmp_path).read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and "%" not in ln and "---" not in ln]
+    assert [ln.split(" | ")[0][2:] for ln in table[:4]] == ["distilled (LAD)", "random real images",
+                                                            "full data (ERM)", "other"]
+    assert "| distilled (LAD) | learned soft labels | 2 | 80.0 ± 1.0 |" in md
+    assert "| full data (ERM) | hard labels (every training image) | 51 | 90.0 ± 1.0 |" in md
+    assert "| other | – | – | 30.0 ± 1.0 |" in md
+    assert "convnet (width 32) trained 200 epochs" in md
+    assert f"**{reading[0]}**" in md and reading[1] in md
+    assert "| set | a (50) | b (1) |" in md and "| distilled (LAD) | 90.0 | 70.0 |" in md
+    html = (tmp_path / "report.html").read_text()
+    assert f"<strong>{reading[0]}</strong>" in html

@@ -5,6 +5,10 @@
 of overall, class-std, worst-class, head/medium/tail and many/medium/few accuracy; ``per_class.png``; the
 distillation curves of every ``log.jsonl`` (matching loss per phase and learned step size against the iteration,
 ``curves.png``); and the synthetic image grids. Class names come from ``data.json`` or a distilled set's metadata.
+
+When the folder holds ``comparison.json`` (written by ``ltdd run``: the distilled set beside its own initial set,
+random real images and the full training set, all under one protocol), the table lists those rows first, by name
+and with their label mode and set size, followed by the comparison's reading and a per-class table.
 """
 
 from __future__ import annotations
@@ -152,34 +156,104 @@ def curves_plot(logs: dict[str, list[dict]], path: Path) -> None:
     _save_png(fig, path, dpi=100)
 
 
+def read_comparison(run_dir: Path) -> dict | None:
+    """``comparison.json`` of a run folder (None when absent or unreadable)."""
+    path = Path(run_dir) / "comparison.json"
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("rows"), list) else None
+
+
+def _with_comparison(rows: list[dict], comp: dict | None) -> list[dict]:
+    """The comparison's rows first (its names, label modes and sizes), then every other result row."""
+    if not comp:
+        return rows
+    by_path = {r["path"]: r for r in rows}
+    out = []
+    for c in comp["rows"]:
+        r = by_path.pop(c.get("path"), None)
+        if r is None and not c.get("summary"):
+            continue
+        out.append({**(r or {}), "name": c["name"], "labels": c.get("labels"), "images": c.get("images"),
+                    "summary": (r or c)["summary"], "seconds": c.get("seconds", (r or {}).get("seconds"))})
+    return out + [r for r in rows if r["path"] in by_path]
+
+
+def _metric_cells(r: dict) -> str:
+    s = r["summary"]
+    g = s.get("groups", {})
+    sec = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), (int, float)) else "–"
+    return (f"{_pct(s['accuracy'])} | {_pct(s['class_std'])} | {_pct(s['worst_accuracy'])} "
+            f"| {_pct(g.get('head'))} | {_pct(g.get('medium'))} | {_pct(g.get('tail'))} "
+            f"| {_pct(g.get('many'))} | {_pct(g.get('medium_shot'))} | {_pct(g.get('few'))} | {s['runs']} | {sec} |")
+
+
+def _per_class_table(rows: list[dict], class_names: list[str] | None, counts: list[int] | None) -> list[str]:
+    n = len(rows[0]["summary"]["per_class"])
+    names = class_names or [str(i) for i in range(n)]
+    head = [f"{names[c]} ({counts[c]})" if counts and c < len(counts) else names[c] for c in range(n)]
+    lines = ["| set | " + " | ".join(head) + " |", "| --- " * (n + 1) + "|"]
+    for r in rows:
+        pc = r["summary"]["per_class"]
+        lines.append(f"| {r['name']} | " + " | ".join("–" if v is None or v != v else f"{100 * v:.1f}" for v in pc)
+                     + " |")
+    return lines
+
+
+def _model_text(model: dict) -> str:
+    args = model.get("args") or {}
+    inner = ", ".join(f"{k} {v}" for k, v in args.items())
+    return f"{model.get('name', '?')}" + (f" ({inner})" if inner else "")
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LtddError(f"run folder not found: {run_dir}")
-    rows = collect(run_dir)
+    comp = read_comparison(run_dir)
+    rows = _with_comparison(collect(run_dir), comp)
     if not rows:
         raise LtddError(f"no eval.json / full_data.json / metrics.json found under {run_dir}")
-    class_names = None
+    class_names = counts = None
     data_json = run_dir / "data.json"
     if data_json.is_file():
-        class_names = json.loads(data_json.read_text()).get("class_names")
+        info = json.loads(data_json.read_text())
+        class_names, counts = info.get("class_names"), info.get("train_counts")
     per_class_plot(rows, class_names, run_dir / "per_class.png")
     if class_names is None:
         class_names = _class_names_from_sets(run_dir)
-    lines = [f"# ltdd report: {run_dir.name}", "",
-             "| method | accuracy % | class std % | worst class % | head | medium | tail | many | med-shot | few | runs "
-             "| seconds |",
-             "| --- " * 12 + "|"]
-    for r in rows:
-        s = r["summary"]
-        g = s.get("groups", {})
-        sec = f"{r['seconds']:.0f}" if isinstance(r.get("seconds"), (int, float)) else "–"
-        lines.append(f"| {r['name']} | {_pct(s['accuracy'])} | {_pct(s['class_std'])} | {_pct(s['worst_accuracy'])} "
-                     f"| {_pct(g.get('head'))} | {_pct(g.get('medium'))} | {_pct(g.get('tail'))} "
-                     f"| {_pct(g.get('many'))} | {_pct(g.get('medium_shot'))} | {_pct(g.get('few'))} | {s['runs']} "
-                     f"| {sec} |")
+    lines = [f"# ltdd report: {run_dir.name}", ""]
+    if comp:
+        proto = comp.get("protocol") or {}
+        model = proto.get("model") or {}
+        train = proto.get("train") or {}
+        lines += ["Every row is evaluated with the same protocol: "
+                  f"{_model_text(model)} trained {train.get('epochs', '?')} epochs "
+                  f"from scratch, {proto.get('runs', '?')} runs (the same seeds for every row), tested on the "
+                  "balanced test set. Accuracies in % (mean ± std over runs).", "",
+                  "| set | labels | images | accuracy % | class std % | worst class % | head | medium | tail | many "
+                  "| med-shot | few | runs | seconds |",
+                  "| --- " * 14 + "|"]
+        for r in rows:
+            img = r.get("images")
+            lines.append(f"| {r['name']} | {r.get('labels') or '–'} | {img if img is not None else '–'} | "
+                         + _metric_cells(r))
+        lines.append("")
+        lines += [f"**{ln}**" if i == 0 else ln for i, ln in enumerate(comp.get("reading") or [])]
+    else:
+        lines += ["| method | accuracy % | class std % | worst class % | head | medium | tail | many | med-shot | few "
+                  "| runs | seconds |",
+                  "| --- " * 12 + "|"]
+        for r in rows:
+            lines.append(f"| {r['name']} | " + _metric_cells(r))
     lines += ["", "## Per-class accuracy", "", "Mean over runs, classes from head to tail:", "",
               "![per-class accuracy](per_class.png)", ""]
+    if comp:
+        lines += ["Per class (training images in brackets):", ""] + _per_class_table(rows, class_names, counts) + [""]
     experts = _expert_lines(run_dir)
     if experts:
         lines += ["## Experts", "", "Test accuracy of the experts the run trained (from each store's "
@@ -229,6 +303,8 @@ def _to_html(md: str, base: Path) -> str:
             out.append(f"<h1>{H.escape(line[2:])}</h1>")
         elif line.startswith("## "):
             out.append(f"<h2>{H.escape(line[3:])}</h2>")
+        elif line.startswith("**") and line.endswith("**") and len(line) > 4:
+            out.append(f"<p><strong>{H.escape(line[2:-2])}</strong></p>")
         elif line.strip():
             out.append(f"<p>{H.escape(line)}</p>")
     if table:
