@@ -202,7 +202,7 @@ def test_presets_define_rldd_and_its_ablations(name, profile):
     e, d, o = cfg.experts, cfg.distill, cfg.distill.options
     assert (cfg.data.dataset, cfg.data.imbalance_factor, d.ipc, d.method) == ("cifar10", 100.0, 10, "rldd")
     assert e.kind == "debiased" and (e.train.epochs, e.train.batch_size, e.debiased.q) == (
-        200 if profile is None else 12, 64, 0.8)
+        200 if profile is None else 25, 64, 0.8)
     assert (d.iterations, d.lr_img, o["r_loss"], o["batch_syn"]) == (75, 0.05, 0.01, 100)  # the spec's [code] values
     assert e.model.name == ("resnet32" if profile is None else "convnet")
     assert e.model.args.get("norm", "batchnorm") == "batchnorm"
