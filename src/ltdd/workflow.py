@@ -191,6 +191,9 @@ def _run(cfg: RunConfig, data, out_dir, *, device, echo, full_data: bool, baseli
                          rr["eval"], evr["seconds"], evr.get("lr")))
         echo(f"random real images, {dcfg.ipc}/class, hard labels: {format_summary(rr['eval'])}")
     if full_data:
+        proto = cfg.protocol_config()
+        echo(f"full data: {proto.runs} networks x {proto.train.epochs} epochs on all {len(data.train_y)} training "
+             "images (the protocol's own schedule, so the comparison is fair; the slowest row on large data)")
         full = full_data_eval(data, cfg, device=device)
         save_json(out / "full_data.json", full)
         rows.append(_row("full", "full data (ERM)", full["labels"], full["images"], "full_data.json",
