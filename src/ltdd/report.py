@@ -234,7 +234,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["Every row is evaluated with the same protocol: "
                   f"{_model_text(model)} trained {train.get('epochs', '?')} epochs "
                   f"from scratch, {proto.get('runs', '?')} runs (the same seeds for every row), tested on the "
-                  "balanced test set. Accuracies in % (mean ± std over runs).", "",
+                  "balanced test set. Accuracies in % (mean ± std over runs). Seconds: the distillation for the "
+                  "distilled set, the protocol's training for the other rows.", "",
                   "| set | labels | images | accuracy % | class std % | worst class % | head | medium | tail | many "
                   "| med-shot | few | runs | seconds |",
                   "| --- " * 14 + "|"]
