@@ -55,7 +55,8 @@ def protocols_cmd(name):
 @click.option("--num-experts", type=int, default=None)
 @click.option("--keep-epochs", default=None, help="store only these epochs, e.g. 0-22 or 0,1,2,10")
 def experts_cmd(preset, profile, overrides, device, out, num_experts, keep_epochs):
-    """Train representation and classifier experts into a trajectory store (skips experts already there)."""
+    """Train the experts a preset asks for into a store (skips those already there): representation + classifier
+    experts as trajectories for trajectory matching, or an observer + teacher for experts.kind: debiased (RLDD)."""
     from ..distributed import dist_context, local_device
     from ..experts import train_experts
     from ..train import resolve_device
