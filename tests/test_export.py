@@ -311,7 +311,7 @@ def test_reading_never_unpickles(tmp_path):
 def test_preprocessing_mismatch_is_refused(tmp_path):
     """A preprocessing.safetensors that is not the one the manifest describes (checksums made to fit) is refused:
     the PNGs would be mapped into another model space."""
-    from ltdd.export import _st_bytes
+    from ltdd.export.staging import _st_bytes
 
     raw, pre = _pixels_and_pre(3)
     export_imagefolder(_synset(pre, raw[:2], [0, 1]), pre, tmp_path / "if", ["a", "b"])
@@ -334,7 +334,7 @@ def test_a_failure_mid_export_leaves_no_folder(tmp_path, monkeypatch, fmt, fail_
 
     raw, pre = _pixels_and_pre(3)
     syn = _synset(pre, raw[:6], [0, 0, 1, 1, 2, 2], soft=True)
-    real = E._fsync_write
+    real = E.staging._fsync_write
     calls = []
 
     def count(path, data):
@@ -343,7 +343,7 @@ def test_a_failure_mid_export_leaves_no_folder(tmp_path, monkeypatch, fmt, fail_
 
     export = (lambda out: export_imagefolder(syn, pre, out, ["a", "b", "c"])) if fmt == "imagefolder" else \
         (lambda out: export_ddranking(syn, pre, out))
-    monkeypatch.setattr(E, "_fsync_write", count)
+    monkeypatch.setattr(E.staging, "_fsync_write", count)
     export(tmp_path / "probe")
     total = len(calls)
     assert calls[-1] == CHECKSUMS and total >= 5
@@ -357,7 +357,7 @@ def test_a_failure_mid_export_leaves_no_folder(tmp_path, monkeypatch, fmt, fail_
         return real(path, data)
 
     calls.clear()
-    monkeypatch.setattr(E, "_fsync_write", failing)
+    monkeypatch.setattr(E.staging, "_fsync_write", failing)
     with pytest.raises(KeyboardInterrupt):
         export(tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
@@ -366,7 +366,7 @@ def test_a_failure_mid_export_leaves_no_folder(tmp_path, monkeypatch, fmt, fail_
     with pytest.raises(KeyboardInterrupt):
         E.export_ddranking(syn, pre, tmp_path / "probe", overwrite=True) if fmt == "ddranking" else \
             E.export_imagefolder(syn, pre, tmp_path / "probe", ["a", "b", "c"], overwrite=True)
-    monkeypatch.setattr(E, "_fsync_write", real)
+    monkeypatch.setattr(E.staging, "_fsync_write", real)
     SyntheticSet.load(tmp_path / "probe")
     assert _leftovers(tmp_path) == []
 
