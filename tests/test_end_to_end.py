@@ -12,6 +12,7 @@ from ltdd.workflow import run_pipeline
 def test_quickstart_pipeline_learns(tmp_path):
     cfg = load_preset("quickstart", overrides=[
         "experts.num_experts=2", "experts.train.epochs=8", "distill.iterations=6", "distill.phases.0.max_start_epoch=4",
+        "distill.ipc=5", "data.imbalance_factor=10",  # the setting this test was written for (the quick start moved)
         "protocol_overrides.train.epochs=60", "protocol_overrides.runs=1"])
     out = tmp_path / "run"
     summary = run_pipeline(cfg, out, echo=lambda *_: None)
