@@ -3,6 +3,7 @@
     python benchmarks/learns.py                                  # digits-LT, the quick start's setting (minutes)
     python benchmarks/learns.py --dataset cifar10                # CIFAR-10-LT IF 100, the lad preset's cpu profile
     python benchmarks/learns.py --methods lad --imbalance-factor 50 --ipc 2 --name learns-candidates
+    python benchmarks/learns.py --report-only                    # rewrite learns.md from learns.json
 
 For every method (MTT, DATM and LAD, which are configurations of the trajectory-matching engine, plus DM and DC)
 and every distillation seed, three sets of the same size are evaluated under one protocol (same network, epochs,
@@ -216,6 +217,7 @@ class Bench:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%d %H:%M")
     base = base_config(args)
     bench = Bench(args, base)
     methods = [m for m in args.methods.split(",") if m]
@@ -226,7 +228,6 @@ def run(args) -> dict:
     experts = bench.experts() if any(m in TM_METHODS for m in methods) else None
     results: dict = {"cells": {}}
     section = section_key(args, base)
-    started = time.strftime("%Y-%m-%d %H:%M")
     t_start = time.time()
     configs = {m: method_config(args, m, base, 0) for m in methods}
 
@@ -366,7 +367,7 @@ def section_markdown(s: dict) -> str:
     lines = [f"## {title}, IF {s['imbalance_factor']:g}, IPC {s['ipc']}, {s['iterations']} iterations"
              + (f" ({s['tag']})" if s.get("tag") else ""), "",
              f"Command: `{s['command']}`  ",
-             f"Date of the last write: {s['date']}; compute time {s['cells_seconds'] / 60:.1f} min (sum over the "
+             f"Run started: {s['date']}; compute time {s['cells_seconds'] / 60:.1f} min (sum over the "
              f"cells and the experts, each cell recorded when it finished; a rerun skips finished cells)  ",
              f"Machine: {s['machine']}; 1-minute load average when the cells finished "
              f"{s['cell_load_1min'][0]:.1f}-{s['cell_load_1min'][1]:.1f} (the machine is shared with other jobs: "
@@ -441,13 +442,16 @@ def reading_notes(s: dict) -> list[str]:
     return notes
 
 
-def write_results(stem: Path, section: str, out: dict) -> None:
+def write_results(stem: Path, section: str | None, out: dict | None) -> None:
+    """Store ``out`` as ``section`` of ``<stem>.json`` (None: keep the file as it is) and rewrite ``<stem>.md``
+    from every section there."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     allres = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    out["notes"] = reading_notes(out)
-    allres[section] = out
-    atomic_write_text(json_path, json.dumps(allres, indent=1, default=str) + "\n")
+    if section is not None:
+        out["notes"] = reading_notes(out)
+        allres[section] = out
+        atomic_write_text(json_path, json.dumps(allres, indent=1, default=str) + "\n")
     md = ["# Does distillation learn? Distilled sets against their own initial sets and random real images", "",
           "Written by `benchmarks/learns.py` (one section per setting). For each method the same run is evaluated "
           "twice: after its iterations (distilled) and before the first one (initial: its own initialisation, "
@@ -486,7 +490,11 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=None, help="work folder (default: runs/<name>/<section>)")
     p.add_argument("--name", default="learns", help="results file stem in --results")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--report-only", action="store_true", help="rewrite <name>.md from <name>.json; run nothing")
     args = p.parse_args(argv)
+    if args.report_only:
+        write_results(Path(args.results) / args.name, None, None)
+        return
     if args.methods is None:
         args.methods = ",".join(ALL_METHODS) if args.dataset == "digits" else ",".join(TM_METHODS)
     if args.work is None:
