@@ -291,3 +291,16 @@ def test_export_user_errors(tmp_path):
     assert_user_error(invoke("export", path, "--format", "zip", "--out", tmp_path / "o"), "unknown export format")
     assert_user_error(invoke("export", tmp_path / "none.safetensors", "--out", tmp_path / "o"), "not found")
     assert not (tmp_path / "o").exists()
+
+
+def test_run_can_skip_the_reference_rows(tmp_path):
+    out = tmp_path / "r"
+    res = invoke("run", "--out", out, "--device", "cpu", "--no-full-data", "--no-baselines",
+                 "--set", "experts.num_experts=1", "--set", "experts.train.epochs=3",
+                 "--set", "experts.classifier_train.epochs=2", "--set", "distill.iterations=2",
+                 "--set", "distill.phases.0.max_start_epoch=1", "--set", "protocol_overrides.train.epochs=2",
+                 "--set", "protocol_overrides.runs=1")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "comparison.json").read_text())
+    keys = [r["key"] for r in (rows["rows"] if isinstance(rows, dict) else rows)]
+    assert "distilled" in keys and not {"full", "random", "initial"} & set(keys)

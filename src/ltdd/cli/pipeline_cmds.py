@@ -107,7 +107,10 @@ def distill_cmd(preset, profile, overrides, device, experts_dir, out, resume, no
 @cli.command("run")
 @preset_options
 @click.option("--out", default=None, type=click.Path(), help="run folder (default: runs/<preset>-<time>)")
-def run_cmd(preset, profile, overrides, device, out):
+@click.option("--no-full-data", is_flag=True,
+              help="skip the full-data row (the protocol run on every training image: slow on large data)")
+@click.option("--no-baselines", is_flag=True, help="skip the initial-set and random-real-images rows")
+def run_cmd(preset, profile, overrides, device, out, no_full_data, no_baselines):
     """Data -> experts -> distil -> evaluate -> report in one go. No preset: the quick start (LAD on digits-LT)."""
     from ..train import resolve_device
     from ..workflow import run_pipeline
@@ -118,5 +121,6 @@ def run_cmd(preset, profile, overrides, device, out):
         import time
 
         out = str(Path("runs") / f"{Path(name).stem}{'-' + profile if profile else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_pipeline(cfg, out, device=resolve_device(device), echo=click.echo)
+    summary = run_pipeline(cfg, out, device=resolve_device(device), echo=click.echo, full_data=not no_full_data,
+                           baselines=not no_baselines)
     click.echo(f"run folder: {out}  (report: {summary['report']})")
