@@ -105,6 +105,21 @@ def config_material(cfg: RunConfig) -> dict:
     return d
 
 
+class TableOptions:
+    """What every table's options share: the table's name at its profile and its work folder (``--work``, default
+    ``runs/reproduce/<table>-<profile>``). A subclass sets ``TABLE_NAME`` and has ``profile`` and ``work`` fields."""
+
+    TABLE_NAME = ""
+
+    @property
+    def table(self) -> str:
+        return f"{self.TABLE_NAME}-{self.profile}"
+
+    def work_dir(self) -> Path:
+        """Where the table's heavy artifacts (expert stores, distilled sets, networks) and locks live."""
+        return Path(self.work or f"runs/reproduce/{self.table}")
+
+
 @dataclass
 class Cell:
     name: str

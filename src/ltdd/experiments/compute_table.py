@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, list_presets, load_preset, load_yaml, save_json
 from ..errors import LtddError
-from .cells import Cell, CellTable, config_material, data_key, key_hash, log, material
+from .cells import TableOptions, Cell, CellTable, config_material, data_key, key_hash, log, material
 from .compute_cost import check_cost_model, distill_estimate, eval_estimate, kinds_read, store_estimate
 from .lad_table import DEFAULT_ROOT
 
@@ -41,9 +41,11 @@ class Point:
 
 
 @dataclass
-class ComputeOptions:
+class ComputeOptions(TableOptions):
     """Where the table runs and what it reads. ``grid_file``: another points file (tests); ``extra_set``: overrides
     applied to every store and point after the file's (tests: another dataset)."""
+
+    TABLE_NAME = TABLE
 
     profile: str = "cpu"
     root: str = DEFAULT_ROOT
@@ -63,12 +65,6 @@ class ComputeOptions:
             raise LtddError("--runs must be at least 1")
         self.extra_set = tuple(self.extra_set)
 
-    @property
-    def table(self) -> str:
-        return f"{TABLE}-{self.profile}"
-
-    def work_dir(self) -> Path:
-        return Path(self.work or f"runs/reproduce/{self.table}")
 
 
 def _strings(value, where: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import RunConfig, TrainConfig, list_presets, load_preset
 from ..errors import LtddError
-from .cells import Cell, CellTable, barrier, config_material, data_key, log, material, store_folder
+from .cells import TableOptions, Cell, CellTable, barrier, config_material, data_key, log, material, store_folder
 
 __all__ = ["TABLE", "DEFAULT_ROOT", "CIFAR10_CLASSES", "DEFAULT_METHODS", "FULL_DATA", "TRAJECTORY", "INIT_SUFFIX",
            "LadOptions", "LadGrid", "parse_variant", "col_name", "cell_name"]
@@ -63,8 +63,10 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 
 
 @dataclass
-class LadOptions:
+class LadOptions(TableOptions):
     """What the LAD table computes and where; ``None`` fields take the profile's defaults."""
+
+    TABLE_NAME = TABLE
 
     profile: str = "cpu"
     root: str = DEFAULT_ROOT
@@ -106,13 +108,6 @@ class LadOptions:
                 raise LtddError(f"unknown method '{m}' in --methods (known: presets, {', '.join(FULL_DATA)}, "
                                 f"--variant names, with an optional '{INIT_SUFFIX}' or '@<iterations>' suffix)")
 
-    @property
-    def table(self) -> str:
-        return f"{TABLE}-{self.profile}"
-
-    def work_dir(self) -> Path:
-        """Where the table's expert stores, distilled sets and locks live (``--work``)."""
-        return Path(self.work or f"runs/reproduce/{self.table}")
 
     def base_method(self, method: str) -> tuple[str, list[str]]:
         """(preset, overrides) of a method name: ``lad`` -> (lad, []); ``lad-init`` -> (lad, [iterations=0]);

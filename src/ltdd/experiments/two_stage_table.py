@@ -27,7 +27,7 @@ import torch
 
 from ..config import DataConfig, ModelConfig, TrainConfig, load_preset, save_json
 from ..errors import LtddError
-from .cells import Cell, CellTable, config_material, data_key, log, material, store_folder
+from .cells import TableOptions, Cell, CellTable, config_material, data_key, log, material, store_folder
 from .lad_table import DEFAULT_ROOT
 from .netstore import NetStore
 from .paper import two_stage_paper
@@ -54,8 +54,10 @@ STABILITY_RANDOM = 1000  # random partitions of the stability control
 
 
 @dataclass
-class TwoStageOptions:
+class TwoStageOptions(TableOptions):
     """What the two-stage table computes and where; ``None`` fields take the profile's defaults."""
+
+    TABLE_NAME = TABLE
 
     profile: str = "cpu"
     root: str = DEFAULT_ROOT
@@ -84,12 +86,6 @@ class TwoStageOptions:
         self.M = int(self.M or 5)
         self.raw_pixels = bool(self.raw_pixels)
 
-    @property
-    def table(self) -> str:
-        return f"{TABLE}-{self.profile}"
-
-    def work_dir(self) -> Path:
-        return Path(self.work or f"runs/reproduce/{self.table}")
 
 
 def profile_settings(o: TwoStageOptions) -> dict:
