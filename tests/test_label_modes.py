@@ -4,6 +4,7 @@ and ``ltdd eval`` / ``ltdd teacher`` with them."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,9 +124,26 @@ def test_teacher_relabels_the_augmented_image(tiny_data, monkeypatch):
     clean = {tuple(v.flatten().tolist()) for v in x}
     for t_in, s_in, tgt in zip(teacher.inputs, student_inputs, targets):
         assert torch.equal(t_in, s_in)  # the teacher saw exactly what the student saw
-        assert torch.allclose(tgt, torch.softmax(teacher.model(t_in) / 20.0, 1), atol=1e-6)
+        assert torch.allclose(tgt, teacher.model(t_in), atol=1e-6)  # the teacher's raw logits
     changed = sum(tuple(v.flatten().tolist()) not in clean for b in teacher.inputs for v in b)
     assert changed >= 0.9 * sum(len(b) for b in teacher.inputs)  # relabelled images are augmented / mixed ones
+
+
+def test_relabel_loss_is_edc_mse_gt_on_raw_logits():
+    # a known answer by hand: s = [0, 0], t = [2, 0], y = class 0; MSE over the 2 classes = (4 + 0) / 2 = 2,
+    # CE = log 2; loss = 0.025 log 2 + 2 (no temperature, no softmax on the targets)
+    s, t, oh = torch.zeros(1, 2), torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    assert L.relabel_loss(s, oh, t, 0.025, 1.0).item() == pytest.approx(0.025 * math.log(2) + 2.0, rel=1e-6)
+    # against the formula in plain torch on a batch: mean over batch x classes + 0.025 CE with the hard labels
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), 5 * torch.randn(6, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    ref = torch.nn.functional.mse_loss(s, t) + 0.025 * torch.nn.functional.cross_entropy(s, y)
+    got = L.relabel_loss(s, torch.nn.functional.one_hot(y, 5).float(), t, 0.025, 1.0)
+    assert torch.allclose(got, ref, atol=1e-6)
+    # the older temperature-20 probability form is tiny next to it (what made the teacher barely matter)
+    probs = L.relabel_loss(s, torch.nn.functional.one_hot(y, 5).float(), t, 0.0, 1.0, "probs", 20.0)
+    assert probs < 0.01 * torch.nn.functional.mse_loss(s, t)
 
 
 def test_own_labels_are_mixed_with_the_cutmix_weight(tiny_data, monkeypatch):
@@ -137,10 +155,19 @@ def test_own_labels_are_mixed_with_the_cutmix_weight(tiny_data, monkeypatch):
                         real_loss(s, oh, t, *a))
     L.train_relabel(create_model("convnet", 3, 1, 8, width=4, depth=1), x, y, _relabel(epochs=1, cutmix=1.0),
                     num_classes=3, soft_logits=soft, seed=0)
+    checked = 0
     for t, oh in zip(targets, onehots):
-        assert torch.allclose(t.sum(1), torch.ones(len(t)))
-        lam = oh.max(1).values.min()  # the one-hot mix carries the same lam
-        assert 0 < lam <= 1
+        # the one-hot mix carries the batch's lam (rows that mix two images of one class show 1)
+        lams = {float(v) for v in oh.flatten() if 0 < v < 1}
+        if not lams:  # every row mixed two images of one class: lam cannot be read off the labels
+            continue
+        # each target row is lam * (own logits of one image) + (1 - lam) * (those of another): find the pair
+        for row in t:
+            pairs = [(a, b) for a in range(len(y)) for b in range(len(y)) for lam in lams
+                     if torch.allclose(row, lam * soft[a] + (1 - lam) * soft[b], atol=1e-5)]
+            assert pairs, "a target is not a lam-mix of two images' own logits"
+            checked += 1
+    assert checked
     targets.clear()
     L.train_relabel(create_model("convnet", 3, 1, 8, width=4, depth=1), x, y, _relabel(epochs=1), num_classes=3,
                     seed=0)

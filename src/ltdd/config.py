@@ -99,15 +99,18 @@ class RelabelConfig:
     """The loss and optimiser of the relabel protocol (EDC's "MSE+GT", as RLDD evaluates).
 
     Per batch x~ (augmented, then cut-mixed with mixing weight lam): loss = ce_weight * CE(s(x~), y~) +
-    mse_weight * ||softmax(t(x~) / T) - softmax(s(x~) / T)||^2 (squared L2 over the classes, mean over the batch),
-    where y~ is the cut-mixed one-hot label, s the student and t the target network (the teacher, or the set's own
-    soft-label logits mixed with the same lam). AdamW; the lr is multiplied by ``gamma`` at each milestone (a
+    mse_weight * mean over the batch and the classes of (t(x~) - s(x~))^2 on raw logits (EDC's form, as its
+    training code computes it: no temperature), where y~ is the cut-mixed one-hot label, s the student's logits and
+    t the target logits (the teacher's on the very batch, or the set's own soft-label logits mixed with the same
+    lam). ``target: probs`` instead compares softmax(t / T) with softmax(s / T), summed over the classes (an
+    older reading, kept for comparison; ``temperature`` is read only then). AdamW; the lr is multiplied by ``gamma`` at each milestone (a
     fraction of the epochs); an EMA copy of the student (decay ``ema``) is what gets tested.
     """
 
     ce_weight: float = 0.025  # kappa_1
     mse_weight: float = 1.0  # kappa_2
-    temperature: float = 20.0  # T
+    target: str = "logits"  # logits (EDC's MSE+GT) | probs (temperature-T distributions)
+    temperature: float = 20.0  # T, read only with target: probs
     cutmix: float = 1.0  # probability that a batch is cut-mixed (0: never)
     cutmix_beta: float = 1.0  # lam ~ Beta(beta, beta)
     ema: float = 0.99  # decay of the EMA copy of the student (0: test the student itself)

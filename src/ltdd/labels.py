@@ -227,21 +227,27 @@ def cutmix(x: torch.Tensor, lam: float, perm: torch.Tensor, rng: np.random.Gener
     return out, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
 
 
-def relabel_loss(student_logits: torch.Tensor, mixed_onehot: torch.Tensor, target_probs: torch.Tensor | None,
-                 ce_weight: float, mse_weight: float, temperature: float) -> torch.Tensor:
-    """ce_weight * CE(s, y~) + mse_weight * ||target_probs - softmax(s / T)||^2 (sum over classes, mean over the
-    batch). ``target_probs`` None (hard labels): plain CE(s, y~)."""
+def relabel_loss(student_logits: torch.Tensor, mixed_onehot: torch.Tensor, target_logits: torch.Tensor | None,
+                 ce_weight: float, mse_weight: float, target: str = "logits", temperature: float = 1.0) -> torch.Tensor:
+    """ce_weight * CE(s, y~) + mse_weight * MSE. ``target`` logits: the mean over the batch and the classes of
+    (t - s)^2 on raw logits (EDC's MSE+GT); probs: ||softmax(t / T) - softmax(s / T)||^2 summed over the classes,
+    mean over the batch. ``target_logits`` None (hard labels): plain CE(s, y~)."""
     logq = F.log_softmax(student_logits, dim=1)
     ce = -(mixed_onehot * logq).sum(1).mean()
-    if target_probs is None:
+    if target_logits is None:
         return ce
-    p_s = F.softmax(student_logits / temperature, dim=1)
-    mse = ((target_probs - p_s) ** 2).sum(1).mean()
+    if target == "logits":
+        mse = ((target_logits - student_logits) ** 2).mean()
+    else:
+        p_t = F.softmax(target_logits / temperature, dim=1)
+        mse = ((p_t - F.softmax(student_logits / temperature, dim=1)) ** 2).sum(1).mean()
     return ce_weight * ce + mse_weight * mse
 
 
 def _check_relabel(cfg: RelabelProtocolConfig) -> None:
     r = cfg.relabel
+    if r.target not in ("logits", "probs"):
+        raise LtddError(f"unknown relabel.target '{r.target}' (known: logits, probs)")
     if r.temperature <= 0:
         raise LtddError(f"relabel.temperature must be > 0, got {r.temperature}")
     if not 0 <= r.cutmix <= 1:
@@ -314,13 +320,13 @@ def train_relabel(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Relab
                 yb = lam * yb + (1 - lam) * yb[perm]
             target = None
             if teacher is not None:
-                target = F.softmax(teacher.logits(xb).float() / r.temperature, dim=1)
+                target = teacher.logits(xb).float()
             elif soft is not None:
-                target = F.softmax(soft[idx] / r.temperature, dim=1)
+                target = soft[idx]
                 if perm is not None:
                     target = lam * target + (1 - lam) * target[perm]
             opt.zero_grad(set_to_none=True)
-            loss = relabel_loss(model(xb), yb, target, r.ce_weight, r.mse_weight, r.temperature)
+            loss = relabel_loss(model(xb), yb, target, r.ce_weight, r.mse_weight, r.target, r.temperature)
             loss.backward()
             opt.step()
             if ema is not None:
