@@ -381,6 +381,12 @@ def method_soft_labeller(distill_cfg: dict | None, data, experts_dir: str | Path
 
     if not distill_cfg:
         return None, "no distillation config (config.yaml) beside the set to say how its soft labels started"
+    if distill_cfg.get("method") == "rldd":  # its soft labels are its teacher's logits on the images
+        if experts_dir is None or not (Path(experts_dir) / TEACHER_FILENAME).is_file():
+            return None, ("RLDD's soft labels come from its teacher; pass --experts DIR (the debiased store the set "
+                          "was distilled with)")
+        teacher = load_teacher(Path(experts_dir) / TEACHER_FILENAME, data)
+        return (lambda images, labels: _batched(teacher.model, images)), f"RLDD's teacher ({experts_dir})"
     if distill_cfg.get("method", "tm") != "tm" or not distill_cfg.get("soft_labels", True):
         return None, f"method '{distill_cfg.get('method')}' does not give images soft labels"
     mode = distill_cfg.get("label_init", "experts_correct")
@@ -409,6 +415,7 @@ def method_soft_labeller(distill_cfg: dict | None, data, experts_dir: str | Path
     return fn, f"{mode} from the {len(indices)} {kind} experts of {experts_dir}"
 
 
+@torch.no_grad()
 @torch.no_grad()
 def _batched(net: nn.Module, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
     return torch.cat([net(x[i:i + bs]) for i in range(0, len(x), bs)])

@@ -12,7 +12,7 @@ from .lad_table import DEFAULT_ROOT
 
 __all__ = ["reproduce_cmd", "TABLES", "main"]
 
-TABLES = ("lad-cifar10lt", "two-stage", "accuracy-vs-compute")
+TABLES = ("lad-cifar10lt", "two-stage", "accuracy-vs-compute", "fair-cifar10lt")
 LAD_ONLY = ("ifs", "ipcs", "methods", "variant", "full_epochs")
 TWO_STAGE_ONLY = ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_iterations", "mtt_experts",
                   "expert_epochs", "mtt_lr_lr", "M", "raw_pixels")
@@ -46,7 +46,8 @@ def _flag(name: str) -> str:
                    "(e.g. runs/reproduce/lad-cifar10lt-cpu/cells) or an old results JSON; every cell the grid "
                    "names is recorded under its current key, which asserts that the configuration has not "
                    "changed since (lad-cifar10lt only; with --plan or --report-only, those follow)")
-@click.option("--ifs", default=None, help="lad-cifar10lt: imbalance factors, comma-separated [default: 10,100]")
+@click.option("--ifs", default=None, help="lad-cifar10lt, fair-cifar10lt: imbalance factors, comma-separated "
+                                         "[default: 10,100]")
 @click.option("--ipcs", default=None, help="lad-cifar10lt: images per class [default: 10 cpu, 10,50 gpu]")
 @click.option("--methods", default=None,
               help="lad-cifar10lt: comma-separated presets and full-data rows (erm, crt, balanced_softmax); "
@@ -83,9 +84,12 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     TABLE is lad-cifar10lt (the LAD paper's Table 1 on CIFAR-10-LT: cells of imbalance factor x images per class x
     method; MTT, DATM and LAD share one expert store per imbalance factor), two-stage (the two-stage paper's
     Tables 1-3: flat and two-stage rows on CIFAR-10-LT, n_max 1000, IF 100, with the grouping and its stability)
-    or accuracy-vs-compute (CIFAR-10-LT IF 100, IPC 10: random, DM, DC, MTT, DATM, LAD and RLDD, each at several
+    , accuracy-vs-compute (CIFAR-10-LT IF 100, IPC 10: random, DM, DC, MTT, DATM, LAD and RLDD, each at several
     distillation budgets, accuracy against measured single-core seconds including the expert stores; cpu profile
-    only; --plan shows every point with its estimated compute and the total).
+    only; --plan shows every point with its estimated compute and the total) or fair-cifar10lt (CIFAR-10-LT IF 10
+    and 100, IPC 10: random, DM, DC, MTT, DATM, LAD, LAD + ADSA, RLDD and its ablations, each under the label modes
+    hard / own / teacher beside a random real subset of the same size in the same mode, with LRS, class std,
+    head/medium/tail and compute).
 
     Every cell is keyed by everything that determines it (its resolved configuration, the data's fingerprint and
     the options that reach it) and recorded in RESULTS/cells/TABLE-PROFILE/CELL.json, small enough to commit: a
@@ -96,8 +100,8 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     if table not in TABLES:
         raise LtddError(f"unknown table '{table}' (known: {', '.join(TABLES)})")
     given = {k for k, v in table_opts.items() if v not in (None, (), False)}
-    foreign = given & set(TWO_STAGE_ONLY if table == "lad-cifar10lt" else LAD_ONLY if table == "two-stage"
-                          else LAD_ONLY + TWO_STAGE_ONLY)
+    foreign = given - set({"lad-cifar10lt": LAD_ONLY, "two-stage": TWO_STAGE_ONLY, "fair-cifar10lt": ("ifs",)}
+                          .get(table, ()))
     if foreign:
         raise LtddError(f"{', '.join(_flag(k) for k in sorted(foreign))}: "
                         f"{'not an option' if len(foreign) == 1 else 'not options'} of the {table} table")
@@ -108,6 +112,10 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     common = dict(profile=profile, root=root, runs=runs, device=device, work=work, results=results)
     if table == "lad-cifar10lt":
         _lad(common, table_opts, plan=plan, report_only=report_only, adopt=adopt)
+    elif table == "fair-cifar10lt":
+        if adopt:
+            raise LtddError("--adopt-legacy is for the lad-cifar10lt table")
+        _fair(common, table_opts, plan=plan, report_only=report_only)
     elif table == "accuracy-vs-compute":
         if adopt:
             raise LtddError("--adopt-legacy is for the lad-cifar10lt table")
@@ -177,6 +185,34 @@ def _run_lad(opts) -> None:
         if grid.table.rank == 0:
             stem = write_report(grid)
             log(f"wrote {stem}.md and .json")
+
+
+def _fair(common: dict, t: dict, *, plan: bool, report_only: bool) -> None:
+    from .cells import log
+    from .fair_report import write_report
+    from .fair_table import FairGrid, FairOptions
+
+    opts = FairOptions(**common, ifs=t["ifs"])
+    if plan:
+        for line in FairGrid(opts).plan_lines():
+            click.echo(line)
+        return
+    if report_only:
+        grid = FairGrid(opts)
+        stem = write_report(grid)
+        stale = grid.collect()[1]
+        if stale:
+            log(f"left out {len(stale)} cells recorded under another key (stale): {', '.join(stale)}")
+        log(f"wrote {stem}.md and .json from the finished cells")
+        return
+    from ..train import resolve_device
+
+    grid = FairGrid(opts, resolve_device(opts.device))
+    Path(opts.results).mkdir(parents=True, exist_ok=True)
+    grid.table.on_cell = lambda: write_report(grid)  # the report grows cell by cell
+    grid.run()
+    stem = write_report(grid)
+    log(f"wrote {stem}.md and .json ({grid.opts.table})")
 
 
 def _two_stage(common: dict, t: dict, *, threads, plan: bool, report_only: bool) -> None:

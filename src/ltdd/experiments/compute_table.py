@@ -24,7 +24,8 @@ from .cells import TableOptions, Cell, CellTable, config_material, data_key, key
 from .compute_cost import check_cost_model, distill_estimate, eval_estimate, kinds_read, store_estimate
 from .lad_table import DEFAULT_ROOT
 
-__all__ = ["TABLE", "GRID_FILE", "Point", "ComputeOptions", "ComputeGrid", "checkpoint_iteration"]
+__all__ = ["TABLE", "GRID_FILE", "Point", "ComputeOptions", "ComputeGrid", "checkpoint_iteration", "fill_store",
+           "store_record", "timed_distill", "timed_distill_evaluate"]
 
 TABLE = "accuracy-vs-compute"
 GRID_FILE = Path(__file__).parent / "grids" / f"{TABLE}.yaml"
@@ -306,26 +307,9 @@ class ComputeGrid:
 
     def fill_store(self, name: str, data, wait: bool) -> bool:
         """Train the store's experts that nobody is training; with ``wait``, also wait for those another process
-        trains (a dead one's are taken over). True once the store is complete; its cell then records the seconds
-        of every expert from the store's training log."""
-        from ..experts import train_experts
-
-        cell = self.store_cell(name)
-        if self.table.fresh(cell) is not None:
-            return True
-        e = self.store_config(name).experts
-        folder = self.store_dir(name)
-        while True:
-            res = train_experts(e, data, folder, device=self.table.device, progress=False)
-            if _complete(e, res["available"]):
-                if self.table.fresh(cell) is None:
-                    self.table.save(cell, store_record(e, folder))
-                    log(f"store {name}: complete ({folder})")
-                return True
-            if not wait:
-                return False
-            log(f"store {name}: waiting for experts another process is training")
-            time.sleep(self.opts.poll_s)
+        trains (a dead one's are taken over). True once the store is complete (:func:`fill_store`)."""
+        return fill_store(self.table, self.store_cell(name), self.store_config(name).experts, self.store_dir(name),
+                          data, wait=wait, poll_s=self.opts.poll_s, label=f"store {name}")
 
     def _point(self, p: Point, cache: dict) -> None:
         cfg = self.point_config(p)
@@ -369,6 +353,28 @@ class ComputeGrid:
         return results, stores, stale
 
 
+def fill_store(table: CellTable, cell: Cell, e, folder: Path, data, *, wait: bool, poll_s: float,
+               label: str) -> bool:
+    """Train the experts of store ``folder`` (configuration ``e``) that nobody is training; with ``wait``, also wait
+    for those another process trains (a dead one's are taken over). True once the store is complete; its cell then
+    records the seconds of every expert from the store's training log."""
+    from ..experts import train_experts
+
+    if table.fresh(cell) is not None:
+        return True
+    while True:
+        res = train_experts(e, data, folder, device=table.device, progress=False)
+        if _complete(e, res["available"]):
+            if table.fresh(cell) is None:
+                table.save(cell, store_record(e, folder))
+                log(f"{label}: complete ({folder})")
+            return True
+        if not wait:
+            return False
+        log(f"{label}: waiting for experts another process is training")
+        time.sleep(poll_s)
+
+
 def _complete(e, available: dict) -> bool:
     if e.kind == "debiased":
         return all(available.values())
@@ -394,25 +400,32 @@ def store_record(e, folder: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def timed_distill_evaluate(cfg: RunConfig, data, out: Path, *, experts_dir, runs: int, device=None) -> dict:
-    """Distil (timed; the timing is kept beside the set, so a run killed during the evaluation keeps it), then
-    evaluate. A distillation resumed from a checkpoint records the iteration it resumed at and its seconds
-    extrapolated to the whole run (``distill_seconds_full``)."""
-    from .kinds import distill_evaluate, ensure_distilled
+def timed_distill(cfg: RunConfig, data, out: Path, *, experts_dir, device=None) -> dict:
+    """Distil into ``out`` unless it holds a finished set, timed; the timing is kept beside the set
+    (``timing.json``), so a run killed later keeps it. A distillation resumed from a checkpoint records the iteration
+    it resumed at and its seconds extrapolated to the whole run (``distill_seconds_full``)."""
+    from .kinds import ensure_distilled
 
     timing = out / "timing.json"
     if (out / "distilled.safetensors").is_file() and timing.is_file():
-        t = json.loads(timing.read_text())
-    elif (out / "distilled.safetensors").is_file():
-        t = {"distill_seconds": None, "note": "distilled by an earlier run that did not time it"}
-    else:
-        start = checkpoint_iteration(out / "checkpoint.safetensors")
-        seconds = ensure_distilled(cfg, data, out, experts_dir=experts_dir, device=device)
-        n = int(cfg.distill.iterations)
-        t = {"distill_seconds": seconds, "resumed_from": start, "iterations": n, "threads": torch.get_num_threads()}
-        if 0 < start < n:
-            t["distill_seconds_full"] = seconds * n / (n - start)
-        save_json(timing, t)
+        return json.loads(timing.read_text())
+    if (out / "distilled.safetensors").is_file():
+        return {"distill_seconds": None, "note": "distilled by an earlier run that did not time it"}
+    start = checkpoint_iteration(out / "checkpoint.safetensors")
+    seconds = ensure_distilled(cfg, data, out, experts_dir=experts_dir, device=device)
+    n = int(cfg.distill.iterations)
+    t = {"distill_seconds": seconds, "resumed_from": start, "iterations": n, "threads": torch.get_num_threads()}
+    if 0 < start < n:
+        t["distill_seconds_full"] = seconds * n / (n - start)
+    save_json(timing, t)
+    return t
+
+
+def timed_distill_evaluate(cfg: RunConfig, data, out: Path, *, experts_dir, runs: int, device=None) -> dict:
+    """:func:`timed_distill`, then evaluate with the configuration's protocol."""
+    from .kinds import distill_evaluate
+
+    t = timed_distill(cfg, data, out, experts_dir=experts_dir, device=device)
     res = distill_evaluate(cfg, data, out, experts_dir=experts_dir, runs=runs, device=device)
     res.update({k: v for k, v in t.items() if k != "threads"})
     res["distill_threads"] = t.get("threads", torch.get_num_threads())

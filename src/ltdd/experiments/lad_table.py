@@ -17,7 +17,8 @@ from ..errors import LtddError
 from .cells import TableOptions, Cell, CellTable, barrier, config_material, data_key, log, material, store_folder
 
 __all__ = ["TABLE", "DEFAULT_ROOT", "CIFAR10_CLASSES", "DEFAULT_METHODS", "FULL_DATA", "TRAJECTORY", "INIT_SUFFIX",
-           "LadOptions", "LadGrid", "parse_variant", "col_name", "cell_name"]
+           "LadOptions", "LadGrid", "parse_variant", "col_name", "cell_name", "full_data_cell", "full_train_config",
+           "released_preset", "CRT_EPOCHS"]
 
 TABLE = "lad-cifar10lt"
 DEFAULT_ROOT = "${LTDD_DATA}/cifar10-jpeg.tar.gz"  # as the presets say: $LTDD_DATA is the folder of the datasets
@@ -37,6 +38,24 @@ def default_ipcs(profile: str) -> tuple[int, ...]:
 
 def default_full_epochs(profile: str) -> int:
     return 30 if profile == "cpu" else 200
+
+
+def full_train_config(full_epochs: int) -> TrainConfig:
+    """How a full-data row trains on the whole long-tailed set (the protocol's network)."""
+    return TrainConfig(epochs=int(full_epochs), lr=0.01, batch_size=256, schedule="cosine", dsa=True)
+
+
+def full_runs(profile: str, runs: int) -> int:
+    return 1 if profile == "cpu" else int(runs)  # cpu: one seed (time)
+
+
+def full_data_cell(name: str, method: str, data_cfg, model_cfg, *, profile: str, runs: int,
+                   full_epochs: int) -> Cell:
+    """A full-data cell (ERM, cRT, ...) on the data of ``data_cfg`` with the network ``model_cfg``; other tables
+    build theirs here too, so a record under the same key can be shared between them."""
+    return Cell(name, {"kind": "full-data", "method": method, "data": data_key(data_cfg), "model": material(model_cfg),
+                       "train": material(full_train_config(full_epochs)), "runs": full_runs(profile, runs),
+                       "crt_epochs": CRT_EPOCHS})
 
 
 def ints(text) -> tuple[int, ...]:
@@ -205,10 +224,10 @@ class LadGrid:
         return out
 
     def full_train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.opts.full_epochs, lr=0.01, batch_size=256, schedule="cosine", dsa=True)
+        return full_train_config(self.opts.full_epochs)
 
     def full_runs(self) -> int:
-        return 1 if self.opts.profile == "cpu" else self.opts.runs  # cpu: one seed (time)
+        return full_runs(self.opts.profile, self.opts.runs)
 
     # ---- cells and keys -----------------------------------------------------------------------------------------
     def experts_cell(self, IF: int, ipc: int | None = None) -> Cell:
@@ -228,10 +247,8 @@ class LadGrid:
         data = data_key(base.data)
         name = cell_name(IF, ipc, method)
         if method in FULL_DATA:
-            return Cell(name, {"kind": "full-data", "method": method, "data": data,
-                               "model": material(base.protocol_config().model),
-                               "train": material(self.full_train_config()), "runs": self.full_runs(),
-                               "crt_epochs": CRT_EPOCHS}), "-", None
+            return full_data_cell(name, method, base.data, base.protocol_config().model, profile=self.opts.profile,
+                                  runs=self.opts.runs, full_epochs=self.opts.full_epochs), "-", None
         preset, cfg = self.method_config(method, IF, ipc)
         experts = self.experts_cell(IF, ipc).hash if self.opts.needs_experts(method) else None
         return Cell(name, {"kind": "distill-evaluate", "config": config_material(cfg), "data": data,
