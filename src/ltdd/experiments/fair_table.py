@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig, list_presets, load_preset, load_yaml, protocol_preset
+from ..typed import apply_overrides
 from ..errors import LtddError
 from .cells import (Cell, CellTable, TableOptions, config_material, data_key, log, material, plan_lines,
                     store_folder)
@@ -93,7 +94,8 @@ class FairGrid:
         path = Path(opts.grid_file or GRID_FILE)
         raw = load_yaml(path)
         where = path.name
-        known_keys = {"description", "ipc", "ifs", "common", "protocols", "teacher", "rows", "full_data"}
+        known_keys = {"description", "ipc", "ifs", "common", "protocols", "teacher", "rows", "full_data",
+                      "trajectory_store"}
         unknown = sorted(set(raw) - known_keys)
         if unknown:
             raise LtddError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known_keys))})")
@@ -101,11 +103,17 @@ class FairGrid:
         self.ipc = int(raw.get("ipc", 10))
         self.ifs = opts.ifs or ints(raw.get("ifs") or [100])
         self.common = _strings(raw.get("common"), f"{where}: common")
-        protos = (raw.get("protocols") or {}).get(opts.profile)
-        if not isinstance(protos, dict) or set(protos) != {"sgd", "relabel"}:
-            raise LtddError(f"{where}: protocols.{opts.profile} must name an 'sgd' and a 'relabel' protocol")
-        self.protocol_names = {k: str(v) for k, v in protos.items()}
-        self.protocols = {k: protocol_preset(v) for k, v in self.protocol_names.items()}
+        self.trajectory_set = _strings(raw.get("trajectory_store"), f"{where}: trajectory_store")
+        protos = dict((raw.get("protocols") or {}).get(opts.profile) or {})
+        pset = _strings(protos.pop("set", None), f"{where}: protocols.{opts.profile}.set")
+        if set(protos) != {"sgd", "relabel"}:
+            raise LtddError(f"{where}: protocols.{opts.profile} must name an 'sgd' and a 'relabel' protocol "
+                            "(and optionally 'set': overrides applied to both)")
+        self.protocol_names = {k: str(v) + (" (" + ", ".join(pset) + ")" if pset else "") for k, v in protos.items()}
+        try:
+            self.protocols = {k: apply_overrides(protocol_preset(str(v)), pset) for k, v in protos.items()}
+        except LtddError as e:
+            raise LtddError(f"{where}: protocols.{opts.profile}: {e}") from None
         if type(self.protocols["relabel"]).__name__ != "RelabelProtocolConfig":
             raise LtddError(f"{where}: protocol '{protos['relabel']}' is not a relabel protocol")
         self.full = tuple(raw.get("full_data") or ())
@@ -181,7 +189,9 @@ class FairGrid:
         if cfg.experts.kind == "trajectory":
             key = ("store:lad", IF)
             if key not in self._cfg:
-                self._cfg[key] = self._load("lad", (f"data.imbalance_factor={IF}",), "the trajectory store")
+                self._cfg[key] = self._load("lad", (f"data.imbalance_factor={IF}", *self.trajectory_set,
+                                                    *[c for c in self.common if c.startswith("data.")]),
+                                            "the trajectory store")
             return self._cfg[key]
         return cfg
 
