@@ -560,6 +560,13 @@ def test_eval_reads_an_export(tmp_path, digits_run):
                   "--set", "model.args.width=8", "--out", tmp_path / "ev", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["protocol_name"] == "cpu"
+    # without --out the export stays untouched (its SHA256SUMS still hold): the result goes beside the folder
+    before = sorted(p.name for p in (tmp_path / "dd").iterdir())
+    res = _invoke("eval", tmp_path / "dd", "--protocol", "cpu", "--runs", "1", "--set", "train.epochs=1",
+                  "--set", "model.args.width=8")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == before
+    assert json.loads((tmp_path / "dd.eval.json").read_text())["protocol_name"] == "cpu"
     tampered = tmp_path / "dd" / "labels.pt"
     blob = bytearray(tampered.read_bytes())
     blob[-1] ^= 0xFF

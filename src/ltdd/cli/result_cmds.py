@@ -40,7 +40,8 @@ from .common import _echo_json, _prepare, cli, data_config, set_data_options
 @click.option("--seed", type=int, default=0, help="seed of the training runs and of the random subset's draw")
 @click.option("--device", default=None)
 @click.option("--set", "overrides", multiple=True, help="override a protocol field, e.g. train.epochs=300")
-@click.option("--out", type=click.Path(), default=None, help="where to write eval.json (default: beside the set)")
+@click.option("--out", type=click.Path(), default=None, help="folder to write eval.json to (default: beside the set; for an exported folder, "
+                   "FOLDER.eval.json beside it, so the export stays as its checksums say)")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(distilled, protocol, label_mode, teacher_path, calibrate, baseline, full_data, scores, experts_dir,
              runs, seed, device, overrides, out, as_json, **kw):
@@ -103,11 +104,25 @@ def _eval_body(syn, data, proto, protocol, dev, seed, runs, as_json, distilled, 
         result["scores"] = score_set(syn, data, proto, result["label_mode"], teacher=teacher,
                                      calibrate=opts.get("calibrate", False), own_labeller=labeller, main=result,
                                      baseline=result["baseline"], full=result["full_data"], **common)
-    dest = Path(out) if out else (Path(distilled) if Path(distilled).is_dir() else Path(distilled).parent)
-    result["written"] = str(dest / "eval.json")
+    target = eval_path(distilled, out)
+    result["written"] = str(target)
     if rank == 0:
-        C.save_json(dest / "eval.json", result)
+        C.save_json(target, result)
     return result
+
+
+def eval_path(distilled, out) -> Path:
+    """Where ``ltdd eval`` writes: ``OUT/eval.json``; by default ``eval.json`` beside the set, except for an exported
+    folder, which stays as its checksums describe it: ``<folder>.eval.json`` beside the folder."""
+    from ..export import is_export
+
+    if out:
+        return Path(out) / "eval.json"
+    p = Path(distilled)
+    folder = p if p.is_dir() else p.parent
+    if is_export(folder):
+        return folder.parent / f"{folder.name}.eval.json"
+    return folder / "eval.json"
 
 
 def _label_text(result: dict) -> str:
