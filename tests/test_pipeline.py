@@ -218,6 +218,9 @@ def test_comparison_configs_and_label_modes():
     mtt = load_preset("mtt", "cpu").distill
     assert label_mode(mtt, "distilled") == "hard labels, learned step size"
     assert label_mode(mtt, "initial") == "hard labels, step size 0.01"
+    rldd = load_preset("rldd", "cpu").distill  # RLDD's sets carry its teacher's logits, not hard labels
+    assert label_mode(rldd, "distilled") == "teacher soft labels"
+    assert label_mode(load_preset("dm", "cpu").distill, "distilled") == "hard labels"
 
 
 def test_small_images_run_on_one_thread(monkeypatch, digits_plain):

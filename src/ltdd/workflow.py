@@ -59,6 +59,8 @@ def label_mode(cfg: DistillConfig, which: str) -> str:
         return "hard labels"
     if which == "full":
         return "hard labels (every training image)"
+    if cfg.method == "rldd":  # its teacher's logits on the images, the protocol's step size
+        return "teacher soft labels (the initial crops')" if which == "initial" else "teacher soft labels"
     if cfg.method != "tm":  # coresets, DC, DSA, DM: hard labels, the protocol's step size
         return "hard labels"
     if which == "initial":
