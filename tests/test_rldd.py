@@ -257,3 +257,17 @@ def test_trajectory_methods_refuse_debiased_settings():
         load_preset("lad", None, ["experts.debiased.q=0.5"])
     with pytest.raises(LtddError, match="experts.kind"):
         load_preset("lad", None, ["experts.kind=debiased"])
+
+
+def test_a_table_fills_a_debiased_store_and_returns(tiny, tmp_path):
+    # the tables' store filler knows a debiased store is complete once its observer and teacher exist (it used to
+    # wait for trajectory experts such a store never has)
+    from ltdd.experiments.cells import Cell, CellTable
+    from ltdd.experiments.kinds import fill_experts
+
+    table = CellTable("t", tmp_path / "w", tmp_path / "r")
+    cell = Cell("store", {"kind": "experts"})
+    cfg = _expert_cfg(train=TrainConfig(epochs=1, lr=0.05, batch_size=8, dsa=False))
+    trained = fill_experts(cfg, tiny, tmp_path / "w" / "s", table, cell, poll_s=0.01)
+    assert trained == {"observer": 1, "teacher": 1} and table.fresh(cell) is not None
+    assert not any(fill_experts(cfg, tiny, tmp_path / "w" / "s", table, cell, poll_s=0.01).values())

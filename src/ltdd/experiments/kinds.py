@@ -81,7 +81,10 @@ def fill_experts(cfg, data, experts_dir: Path, table: CellTable, cell: Cell, pol
     complete first (a store that was complete before is not re-timed). Returns the experts trained here per kind."""
     from ..experts import train_experts
 
-    need = {"representation": cfg.num_experts, "classifier": cfg.num_experts if cfg.classifier_experts else 0}
+    if cfg.kind == "debiased":
+        need = {"observer": 1, "teacher": 1}
+    else:
+        need = {"representation": cfg.num_experts, "classifier": cfg.num_experts if cfg.classifier_experts else 0}
     t0, trained = time.time(), {}
     while True:
         res = train_experts(cfg, data, experts_dir, device=table.device, progress=False, rank=table.rank,
