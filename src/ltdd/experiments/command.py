@@ -188,31 +188,14 @@ def _run_lad(opts) -> None:
 
 
 def _fair(common: dict, t: dict, *, plan: bool, report_only: bool) -> None:
-    from .cells import log
+    from .drive import drive_table
     from .fair_report import write_report
     from .fair_table import FairGrid, FairOptions
 
     opts = FairOptions(**common, ifs=t["ifs"])
-    if plan:
-        for line in FairGrid(opts).plan_lines():
-            click.echo(line)
-        return
-    if report_only:
-        grid = FairGrid(opts)
-        stem = write_report(grid)
-        stale = grid.collect()[1]
-        if stale:
-            log(f"left out {len(stale)} cells recorded under another key (stale): {', '.join(stale)}")
-        log(f"wrote {stem}.md and .json from the finished cells")
-        return
-    from ..train import resolve_device
-
-    grid = FairGrid(opts, resolve_device(opts.device))
-    Path(opts.results).mkdir(parents=True, exist_ok=True)
-    grid.table.on_cell = lambda: write_report(grid)  # the report grows cell by cell
-    grid.run()
-    stem = write_report(grid)
-    log(f"wrote {stem}.md and .json ({grid.opts.table})")
+    drive_table(lambda device: FairGrid(opts, device), plan_lines=lambda g: g.plan_lines(), write_report=write_report,
+                stale=lambda g: g.collect()[1], results=opts.results, device=opts.device, plan=plan,
+                report_only=report_only)
 
 
 def _two_stage(common: dict, t: dict, *, threads, plan: bool, report_only: bool) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import click
-
-from .cells import STATES, log
-from .compute_table import TABLE, ComputeGrid, ComputeOptions
+from .cells import STATES
+from .compute_table import ComputeGrid, ComputeOptions
 
 __all__ = ["run_compute", "plan_text"]
 
@@ -48,25 +45,9 @@ def plan_text(grid: ComputeGrid) -> list[str]:
 def run_compute(common: dict, *, plan: bool, report_only: bool) -> None:
     """Plan, report or run the table with the command's common options."""
     from .compute_report import write_report
+    from .drive import drive_table
 
     opts = ComputeOptions(**common)
-    if plan:
-        for line in plan_text(ComputeGrid(opts)):
-            click.echo(line)
-        return
-    if report_only:
-        grid = ComputeGrid(opts)
-        stem = write_report(grid)
-        stale = grid.collect()[2]
-        if stale:
-            log(f"left out {len(stale)} cells recorded under another key (stale): {', '.join(stale)}")
-        log(f"wrote {stem}.md, .json and .png from the finished cells")
-        return
-    from ..train import resolve_device
-
-    grid = ComputeGrid(opts, resolve_device(opts.device))
-    Path(opts.results).mkdir(parents=True, exist_ok=True)
-    grid.table.on_cell = lambda: write_report(grid)  # the report grows point by point
-    grid.run()
-    stem = write_report(grid)
-    log(f"wrote {stem}.md, .json and .png ({TABLE})")
+    drive_table(lambda device: ComputeGrid(opts, device), plan_lines=plan_text, write_report=write_report,
+                stale=lambda g: g.collect()[2], results=opts.results, device=opts.device, plan=plan,
+                report_only=report_only, files="md, .json and .png")

@@ -25,7 +25,7 @@ from .compute_cost import check_cost_model, distill_estimate, eval_estimate, kin
 from .lad_table import DEFAULT_ROOT
 
 __all__ = ["TABLE", "GRID_FILE", "Point", "ComputeOptions", "ComputeGrid", "checkpoint_iteration", "fill_store",
-           "store_record", "timed_distill", "timed_distill_evaluate"]
+           "store_record", "timed_distill", "timed_distill_evaluate", "strings"]
 
 TABLE = "accuracy-vs-compute"
 GRID_FILE = Path(__file__).parent / "grids" / f"{TABLE}.yaml"
@@ -68,7 +68,7 @@ class ComputeOptions(TableOptions):
 
 
 
-def _strings(value, where: str) -> tuple[str, ...]:
+def strings(value, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
@@ -99,8 +99,8 @@ class ComputeGrid:
         where = path.name
         self.description = str(raw.get("description", ""))
         self.protocol = str(raw.get("protocol") or "cpu")
-        self.data_set = _strings(raw.get("data"), f"{where}: data")
-        self.common = _strings(raw.get("common"), f"{where}: common")
+        self.data_set = strings(raw.get("data"), f"{where}: data")
+        self.common = strings(raw.get("common"), f"{where}: common")
         self.cost = check_cost_model(raw.get("cost_model"), where)
         stores = raw.get("stores") or {}
         methods = raw.get("methods") or {}
@@ -111,20 +111,20 @@ class ComputeGrid:
         for name, spec in stores.items():
             if not isinstance(spec, dict) or spec.get("preset") not in known:
                 raise LtddError(f"{where}: store '{name}' needs a known preset (see `ltdd presets`)")
-            self.stores[str(name)] = (spec["preset"], _strings(spec.get("set"), f"{where}: store {name}"))
+            self.stores[str(name)] = (spec["preset"], strings(spec.get("set"), f"{where}: store {name}"))
         self.methods: dict[str, tuple[str, ...]] = {}
         self.points: list[Point] = []
         for m, spec in methods.items():
             if not isinstance(spec, dict) or spec.get("preset") not in known:
                 raise LtddError(f"{where}: method '{m}' needs a known preset (see `ltdd presets`)")
-            self.methods[str(m)] = _strings(spec.get("set"), f"{where}: method {m}")
+            self.methods[str(m)] = strings(spec.get("set"), f"{where}: method {m}")
             for p in spec.get("points") or []:
                 if not isinstance(p, dict) or not p.get("name"):
                     raise LtddError(f"{where}: every point of method '{m}' needs a name")
                 if p.get("store") is not None and p["store"] not in self.stores:
                     raise LtddError(f"{where}: point '{p['name']}' names an unknown store '{p['store']}'")
                 self.points.append(Point(str(p["name"]), str(m), spec["preset"],
-                                         self.methods[str(m)] + _strings(p.get("set"), f"{where}: point {p['name']}"),
+                                         self.methods[str(m)] + strings(p.get("set"), f"{where}: point {p['name']}"),
                                          p.get("store")))
         names = [p.name for p in self.points]  # store cells are named store-NAME
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -27,6 +27,7 @@ from ..typed import apply_overrides
 from ..errors import LtddError
 from .cells import (Cell, CellTable, TableOptions, config_material, data_key, log, material, plan_lines,
                     store_folder)
+from .compute_table import strings
 from .lad_table import DEFAULT_ROOT, full_data_cell, ints, released_preset
 from .lad_table import TABLE as LAD_TABLE
 
@@ -78,14 +79,6 @@ class FairOptions(TableOptions):
         self.extra_set = tuple(self.extra_set)
 
 
-def _strings(value, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise LtddError(f"{where}: expected a list of key=value overrides")
-    return tuple(value)
-
-
 class FairGrid:
     """The rows, stores, distillations, evaluations and baselines of the table, their keys, plan and run."""
 
@@ -102,10 +95,10 @@ class FairGrid:
         self.description = str(raw.get("description", ""))
         self.ipc = int(raw.get("ipc", 10))
         self.ifs = opts.ifs or ints(raw.get("ifs") or [100])
-        self.common = _strings(raw.get("common"), f"{where}: common")
-        self.trajectory_set = _strings(raw.get("trajectory_store"), f"{where}: trajectory_store")
+        self.common = strings(raw.get("common"), f"{where}: common")
+        self.trajectory_set = strings(raw.get("trajectory_store"), f"{where}: trajectory_store")
         protos = dict((raw.get("protocols") or {}).get(opts.profile) or {})
-        pset = _strings(protos.pop("set", None), f"{where}: protocols.{opts.profile}.set")
+        pset = strings(protos.pop("set", None), f"{where}: protocols.{opts.profile}.set")
         if set(protos) != {"sgd", "relabel"}:
             raise LtddError(f"{where}: protocols.{opts.profile} must name an 'sgd' and a 'relabel' protocol "
                             "(and optionally 'set': overrides applied to both)")
@@ -130,7 +123,7 @@ class FairGrid:
             if r.get("preset") is not None and r["preset"] not in known:
                 raise LtddError(f"{where}: row '{r['name']}': unknown preset '{r['preset']}' (see `ltdd presets`)")
             self.rows.append(Row(str(r["name"]), r.get("preset"), r.get("of"), bool(r.get("calibrate", False)),
-                                 _strings(r.get("set"), f"{where}: row {r['name']}")))
+                                 strings(r.get("set"), f"{where}: row {r['name']}")))
         names = [r.name for r in self.rows]
         if len(set(names)) != len(names) or not names:
             raise LtddError(f"{where}: rows need distinct names (and at least one row)")
