@@ -85,6 +85,21 @@ def main(argv=None) -> int:
                 min(step_limit, left()), env)
         steps.append({"step": f"{m}: {its} iterations, {ev}-epoch evaluation", **r, "accuracy": accuracy(out)})
 
+    # 2b. RLDD: debiased observer + teacher, recovery and relabelling, then the teacher label mode (relabel protocol)
+    rexp, rset = work / "rldd-experts", work / "rldd"
+    r = run(ltdd + ["experts", "--preset", "rldd", "--profile", "cpu", "--out", str(rexp),
+                    "--set", "experts.train.epochs=2"] + dev, min(step_limit, left()), env)
+    steps.append({"step": "rldd: observer + teacher, 2 epochs each", **r})
+    r = run(ltdd + ["distill", "--preset", "rldd", "--profile", "cpu", "--experts", str(rexp), "--out", str(rset),
+                    "--set", f"distill.iterations={its}", "--set", f"protocol_overrides.train.epochs={ev}",
+                    "--set", "protocol_overrides.runs=1"] + dev, min(step_limit, left()), env)
+    steps.append({"step": f"rldd: {its} iterations, {ev}-epoch relabel evaluation", **r, "accuracy": accuracy(rset)})
+    r = run(ltdd + ["eval", str(rset), "--labels", "teacher", "--teacher", str(rexp / "teacher.safetensors"),
+                    "--protocol", "relabel_cpu", "--set", f"train.epochs={ev}", "--runs", "1",
+                    "--out", str(work / "rldd-teacher")] + dev, min(step_limit, left()), env)
+    steps.append({"step": f"label mode teacher (relabel_cpu, {ev} epochs)", **r,
+                  "accuracy": accuracy(work / "rldd-teacher")})
+
     # 3. the engine's step cost and memory on this device
     if not tiny and left() > 120:
         steps.append({"step": "step cost (exact and constant-memory vs a plain SGD step)",
