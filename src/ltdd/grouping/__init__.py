@@ -6,8 +6,8 @@ partition of the classes into groups. Pieces, each usable alone:
 * :mod:`.features`: :func:`embed_features`, :func:`class_centroids` (per-class k-means), :func:`class_distance_matrix`
   and :func:`class_distance_closed_form` (§5.3).
 * :mod:`.partitions`: :func:`max_cut_bipartition` (exhaustive, up to 20 classes, ranked alternatives),
-  :func:`partition_k` (spectral or recursive max-cut), :func:`partition` (dispatch), :func:`cut_value`,
-  :func:`bipartition_rank`.
+  :func:`max_cut_k` (k-way max-cut heuristic, any number of classes), :func:`partition_k` (spectral, recursive or
+  k-way max-cut), :func:`partition` (dispatch), :func:`cut_value`, :func:`bipartition_rank`.
 * :mod:`.groups`: :func:`check_groups`, :func:`groups_to_labels`, :func:`group_summary`, :func:`error_structure`.
 * :mod:`.stability`: :func:`partition_stability`: pairwise adjusted Rand index between partitions from models
   trained on different data, against a random-partition control with the same group sizes (an empirical p-value).
@@ -27,6 +27,7 @@ from .partitions import (
     bipartition_rank,
     cut_value,
     max_cut_bipartition,
+    max_cut_k,
     partition,
     partition_k,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "class_distance_closed_form",
     "all_bipartition_cuts",
     "max_cut_bipartition",
+    "max_cut_k",
     "partition_k",
     "partition",
     "cut_value",

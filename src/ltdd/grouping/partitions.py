@@ -2,8 +2,10 @@
 
 * :func:`max_cut_bipartition`: exhaustive max-cut for up to 20 classes (class 0 fixed in the first group),
   vectorised over all ``2^(N-1)`` assignments, with ranked alternatives and a minimum group size.
-* :func:`partition_k` (spectral clustering on ``exp(-D^2 / sigma^2)`` or recursive max-cut) and :func:`partition`,
-  which dispatches.
+* :func:`max_cut_k`: a k-way max-cut heuristic for any number of classes and groups (greedy assignment + local
+  search of single-class moves and swaps, several starts, deterministic given the seed).
+* :func:`partition_k` (spectral clustering on ``exp(-D^2 / sigma^2)``, recursive max-cut or the k-way max-cut) and
+  :func:`partition`, which dispatches.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .threads import _threads_for
 __all__ = [
     "all_bipartition_cuts",
     "max_cut_bipartition",
+    "max_cut_k",
     "partition_k",
     "partition",
     "cut_value",
@@ -170,6 +173,115 @@ def _local_search_maxcut(D: np.ndarray, min_size: int, seed: int, restarts: int 
     return best_x.astype(np.int64)
 
 
+def _greedy_assign(D: np.ndarray, k: int, min_size: int, seeds: list[int], order: list[int]) -> np.ndarray:
+    """Labels from ``k`` seed classes (one per group): every other class, in ``order``, joins the group to which it
+    adds the least within-group distance (lowest group index on ties); once the classes left are just enough to
+    bring every group up to ``min_size``, only groups still short are open."""
+    n = len(D)
+    lab = np.full(n, -1, dtype=np.int64)
+    lab[seeds] = np.arange(k)
+    size = np.ones(k, dtype=np.int64)
+    left = n - k
+    for i in order:
+        if lab[i] >= 0:
+            continue
+        add = np.array([D[i, lab == g].sum() for g in range(k)])
+        short = np.maximum(0, min_size - size)
+        if left <= short.sum():
+            add[short == 0] = np.inf
+        g = int(np.argmin(add))
+        lab[i] = g
+        size[g] += 1
+        left -= 1
+    return lab
+
+
+def _farthest_first(D: np.ndarray, k: int) -> list[int]:
+    """The two most distant classes, then repeatedly the class whose nearest chosen class is farthest (lowest
+    index on ties)."""
+    i, j = np.unravel_index(int(np.argmax(D)), D.shape)
+    seeds = [int(min(i, j)), int(max(i, j))]
+    while len(seeds) < k:
+        near = D[:, seeds].min(1)
+        near[seeds] = -np.inf
+        seeds.append(int(np.argmax(near)))
+    return seeds[:k]
+
+
+def _improve(D: np.ndarray, lab: np.ndarray, k: int, min_size: int, tol: float) -> np.ndarray:
+    """Local search on the k-way cut: apply the best single-class move to another group while one gains (the
+    source group keeps ``min_size``); when none does, the best swap of two classes in different groups; stop when
+    neither gains more than ``tol``."""
+    n = len(D)
+    lab = lab.copy()
+    idx = np.arange(n)
+    while True:
+        W = D @ np.eye(k)[lab]                       # W[i, g]: sum of D from class i to the members of group g
+        own = W[idx, lab]
+        move = own[:, None] - W                      # cut gain of moving i to group g
+        move[idx, lab] = -np.inf
+        size = np.bincount(lab, minlength=k)
+        move[size[lab] - 1 < min_size] = -np.inf
+        i, g = np.unravel_index(int(np.argmax(move)), move.shape)
+        if move[i, g] > tol:
+            lab[i] = g
+            continue
+        # swap i (group a) and j (group b): W[i,a] + W[j,b] - W[i,b] - W[j,a] + 2 D[i,j]
+        swap = own[:, None] + own[None, :] - W[:, lab] - W[:, lab].T + 2.0 * D
+        swap[lab[:, None] == lab[None, :]] = -np.inf
+        i, j = np.unravel_index(int(np.argmax(swap)), swap.shape)
+        if swap[i, j] > tol:
+            lab[i], lab[j] = lab[j], lab[i]
+            continue
+        return lab
+
+
+def max_cut_k(D, k: int, *, seed: int = 0, restarts: int = 10, min_size: int = 1,
+              local_search: bool = True) -> tuple[list[list[int]], float]:
+    """k-way max-cut heuristic: groups that maximise the sum of ``D_ik`` over class pairs in different groups
+    (equivalently, minimise the within-group sum); for ``k = 2`` the two-way max-cut objective.
+
+    Exhaustive search is impossible beyond ~20 classes (CIFAR-100 has ~6e29 two-way splits alone), so:
+
+    1. start 0: farthest-first seed classes (:func:`_farthest_first`), the other classes in decreasing order of
+       their distance to the nearest seed, each put greedily where it adds the least within-group distance;
+       starts 1..``restarts``-1: ``k`` random seed classes and a random order (``numpy.random.default_rng(seed)``);
+    2. each start is improved by local search (:func:`_improve`: best single-class moves, then best swaps, until
+       no step gains); ``local_search=False`` keeps the greedy assignment (for comparison);
+    3. the best cut over the starts wins (the earlier start on ties).
+
+    Every group has at least ``min_size`` classes. Returns ``(groups, cut)`` with the groups sorted and ordered
+    by their smallest class.
+    """
+    D = _check_D(D)
+    n = len(D)
+    k = int(k)
+    if k < 2 or k > n:
+        raise LtddError(f"number of groups k must be in 2..{n}, got {k}")
+    min_size = _check_min_size(min_size, n, k)
+    if int(restarts) < 1:
+        raise LtddError(f"restarts must be >= 1, got {restarts}")
+    tol = 1e-10 * max(1.0, float(np.abs(D).max(initial=0.0)))
+    rng = np.random.default_rng(seed)
+    best_lab, best_cut = None, -np.inf
+    for start in range(int(restarts)):
+        if start == 0:
+            seeds = _farthest_first(D, k)
+            order = [int(i) for i in np.argsort(-D[:, seeds].min(1), kind="stable")]
+        else:
+            seeds = [int(i) for i in rng.choice(n, size=k, replace=False)]
+            order = [int(i) for i in rng.permutation(n)]
+        lab = _greedy_assign(D, k, min_size, seeds, order)
+        if local_search:
+            lab = _improve(D, lab, k, min_size, tol)
+        groups = [np.flatnonzero(lab == g).tolist() for g in range(k)]
+        c = cut_value(D, groups)
+        if c > best_cut + tol:
+            best_lab, best_cut = lab, c
+    groups = _canonical([np.flatnonzero(best_lab == g).tolist() for g in range(k)])
+    return groups, cut_value(D, groups)
+
+
 def _bisect(D: np.ndarray, min_size: int, seed: int) -> tuple[list[int], list[int]]:
     if len(D) <= EXHAUSTIVE_MAX_CLASSES:
         g, _, _ = max_cut_bipartition(D, min_size=min_size, top=0)
@@ -187,6 +299,8 @@ def partition_k(D, k: int, method: str = "spectral", *, seed: int = 0, min_size:
       it is an error.
     * ``recursive``: repeated max-cut bisection (exhaustive up to 20 classes, a local-search max-cut above that) of
       the group with the largest within-group distance sum, until there are ``k`` groups of at least ``min_size``.
+    * ``maxcut``: the k-way max-cut heuristic :func:`max_cut_k` (the objective of the two-way max-cut, summed over
+      every pair of groups).
 
     Groups come back sorted, ordered by their smallest class.
     """
@@ -218,6 +332,8 @@ def partition_k(D, k: int, method: str = "spectral", *, seed: int = 0, min_size:
             raise LtddError(f"spectral clustering gave a group of {len(small[0])} classes (< min_size {min_size}); "
                             "try method='recursive'")
         return groups
+    if method == "maxcut":
+        return max_cut_k(D, k, seed=seed, min_size=min_size)[0]
     if method == "recursive":
         groups = [list(range(n))]
         while len(groups) < k:
@@ -230,12 +346,13 @@ def partition_k(D, k: int, method: str = "spectral", *, seed: int = 0, min_size:
             a, b = _bisect(D[np.ix_(g, g)], min_size, seed + len(groups))
             groups += [[g[j] for j in a], [g[j] for j in b]]
         return _canonical(groups)
-    raise LtddError(f"unknown partition method '{method}' (known: exhaustive, spectral, recursive)")
+    raise LtddError(f"unknown partition method '{method}' (known: exhaustive, spectral, recursive, maxcut)")
 
 
 def partition(D, k: int = 2, method: str = "auto", *, min_size: int = 1, top: int = 5, seed: int = 0) -> dict:
     """Partition dispatcher. ``auto``: exhaustive max-cut when ``k == 2`` and N <= 20; recursive (local-search)
-    max-cut when ``k == 2`` and N > 20; spectral clustering when ``k > 2``.
+    max-cut when ``k == 2`` and N > 20; spectral clustering when ``k > 2`` (``maxcut``: the k-way max-cut
+    heuristic for any ``k``).
 
     Returns ``{"groups", "cut", "method", "alternatives"}``; alternatives only for the exhaustive search."""
     D = _check_D(D)
