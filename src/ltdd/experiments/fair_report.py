@@ -20,6 +20,8 @@ from .machine import machine_line
 
 __all__ = ["row_figures", "reading", "write_report", "RULE"]
 
+FULL_NAMES = {"erm": "ERM", "crt": "cRT", "balanced_softmax": "balanced softmax"}
+
 RULE = ("compute = the row's distillation + the training of every expert it reads (trajectory rows: the shared "
         "store's experts they read, charged in full to each; RLDD: its observer and teacher), in single-core "
         "seconds (measured seconds x torch threads). The teacher that relabels every row in the teacher mode is "
@@ -191,13 +193,13 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
              "the long-tailed train set, under the same protocol and mode;",
              "- LRS: DD-Ranking's label-robust score, long-tail variant (full-data reference: ERM on the same split; "
              "0.5 · (own − random own) − 0.5 · (ERM − hard), normalised to [0, 1]);",
-             f"- compute: {RULE}", ""]
+             f"- {RULE}", ""]
     for IF, rows in figs.items():
         full = {m: results.get(grid.full_cell(m, IF).name) for m in grid.full}
         base = {m: results.get(grid.baseline_cell(IF, m).name) for m in ("hard", "teacher")}
         lines += [f"## IF {IF}", "",
                   "Full data (same split, hard labels): " + ", ".join(
-                      f"{m.upper()} {_pct(_acc(r))}" for m, r in full.items()) + ". Random real subset: "
+                      f"{FULL_NAMES.get(m, m)} {_pct(_acc(r))}" for m, r in full.items()) + ". Random real subset: "
                   + ", ".join(f"{m} {_pct(_acc(b))} ± {_pct(_std(b))}" for m, b in base.items()) + ".", "",
                   "| row | compute (s) | hard | own | teacher | LRS |", "|---|---:|---|---|---|---:|"]
         for f in rows:
