@@ -25,7 +25,8 @@ def _clusters(labels, within=1.0, between=10.0, jitter=0.0, seed=0):
 
 def _matrices(n=10, count=30):
     """Random distance matrices of three kinds: Euclidean, arbitrary symmetric, and the class-distance form
-    ``M sqrt(|c_i - c_k|^2 + s_i^2 + s_k^2)`` (large, nearly uniform entries, as the real grouping gives)."""
+    ``M sqrt(|c_i - c_k|^2 + s_i^2 + s_k^2)`` (large, nearly uniform entries and a non-zero diagonal, as the real
+    grouping gives)."""
     out = []
     for t in range(count):
         rng = np.random.default_rng(t)
@@ -38,6 +39,8 @@ def _matrices(n=10, count=30):
         else:
             c, s = rng.normal(size=(n, 20)), 2 * rng.random(n)
             D = 5 * np.sqrt(((c[:, None] - c[None]) ** 2).sum(-1) + s[:, None] ** 2 + s[None] ** 2)
+            out.append(D)  # D_ii = 5 sqrt(2) s_i: no cut counts it
+            continue
         np.fill_diagonal(D, 0.0)
         out.append(D)
     return out

@@ -211,11 +211,12 @@ def _farthest_first(D: np.ndarray, k: int) -> list[int]:
 def _improve(D: np.ndarray, lab: np.ndarray, k: int, min_size: int, tol: float) -> np.ndarray:
     """Local search on the k-way cut: apply the best single-class move to another group while one gains (the
     source group keeps ``min_size``); when none does, the best swap of two classes in different groups; stop when
-    neither gains more than ``tol``."""
+    neither gains more than ``tol``. ``D`` has a zero diagonal. Every step raises the cut by more than ``tol``, so
+    the search ends; ``100 n^2`` steps at most, as a guard."""
     n = len(D)
     lab = lab.copy()
     idx = np.arange(n)
-    while True:
+    for _ in range(100 * n * n):
         W = D @ np.eye(k)[lab]                       # W[i, g]: sum of D from class i to the members of group g
         own = W[idx, lab]
         move = own[:, None] - W                      # cut gain of moving i to group g
@@ -233,7 +234,8 @@ def _improve(D: np.ndarray, lab: np.ndarray, k: int, min_size: int, tol: float) 
         if swap[i, j] > tol:
             lab[i], lab[j] = lab[j], lab[i]
             continue
-        return lab
+        break
+    return lab
 
 
 def max_cut_k(D, k: int, *, seed: int = 0, restarts: int = 10, min_size: int = 1,
@@ -253,7 +255,8 @@ def max_cut_k(D, k: int, *, seed: int = 0, restarts: int = 10, min_size: int = 1
     Every group has at least ``min_size`` classes. Returns ``(groups, cut)`` with the groups sorted and ordered
     by their smallest class.
     """
-    D = _check_D(D)
+    D = _check_D(D).copy()
+    np.fill_diagonal(D, 0.0)  # D_ii (the spread of class i's own centres) is in no cut; the moves must not count it
     n = len(D)
     k = int(k)
     if k < 2 or k > n:
