@@ -268,3 +268,34 @@ def test_two_stage_cli(digits, tmp_path):
     r = CliRunner().invoke(_cli(), ["two-stage", "--distilled", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "distilled set not found" in r.output
     assert path.is_file()
+
+
+def test_two_stage_cli_num_groups(digits, tmp_path):
+    """--num-groups K: K computed groups by the k-way max-cut heuristic (the exhaustive max-cut only gives two)."""
+    cfg, data = digits
+    _synthetic(data, cfg).save(tmp_path / "set")
+    out = tmp_path / "out"
+    args = ["two-stage", "--distilled", str(tmp_path / "set"), "--protocol", "dc", "--set", "train.epochs=1",
+            "--set", "model.args.width=4", "--runs", "1", "--out", str(out), "--rows", "original+distilled",
+            "--M", "3"]
+    r = CliRunner().invoke(_cli(), args + ["--num-groups", "3"])
+    assert r.exit_code == 0, r.output
+    assert "k-way max-cut heuristic into 3 groups" in r.output
+    res = json.loads((out / "two_stage.json").read_text())
+    g = res["grouping"]
+    assert g["method"] == "maxcut" and len(res["groups"]) == 3
+    assert sorted(c for grp in res["groups"] for c in grp) == list(range(10))
+    from ltdd.grouping import cut_value, max_cut_k
+
+    assert (res["groups"], g["cut"]) == max_cut_k(np.asarray(g["distance_matrix"]), 3, seed=0)
+    assert res["rows"]["original+distilled"]["train_images"] == data.num_train + 50
+    # two groups of ten classes stay the exhaustive max-cut
+    r = CliRunner().invoke(_cli(), args + ["--num-groups", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    g = json.loads(r.output)["grouping"]
+    assert g["method"] == "exhaustive" and g["cut"] == pytest.approx(cut_value(g["distance_matrix"], g["groups"]))
+    for extra, msg in [(["--num-groups", "3", "--groups", "0,1,2,3,4;5,6,7,8,9"], "exclude each other"),
+                       (["--num-groups", "1"], "--num-groups must be >= 2"),
+                       (["--num-groups", "11"], "has only 10 classes")]:
+        r = CliRunner().invoke(_cli(), args + extra)
+        assert r.exit_code == 2 and msg in r.output, r.output

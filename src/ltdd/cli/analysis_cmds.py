@@ -126,7 +126,9 @@ def print_two_stage(res: dict, echo=click.echo) -> None:
     echo(f"groups ({res['groups_source']}): {_fmt_groups(res['groups'], names)}")
     if res.get("grouping"):
         gr = res["grouping"]
-        echo(f"  max-cut on {gr['features_split']} features, cut {gr['cut']:.4g}"
+        how = {"exhaustive": "exhaustive max-cut", "maxcut": "k-way max-cut heuristic"}.get(gr.get("method"),
+                                                                                          str(gr.get("method")))
+        echo(f"  {how} into {len(res['groups'])} groups on {gr['features_split']} features, cut {gr['cut']:.4g}"
              + (f"; runner-up cut {gr['alternatives'][0]['cut']:.4g}" if gr.get("alternatives") else ""))
     echo(f"routing {res['routing']}, group-prior tau {res['group_prior_tau']:g}, {runs} run(s), "
          f"protocol {res['protocol_name']}")
@@ -166,8 +168,11 @@ def register(cli: click.Group) -> None:
     @click.option("--set", "overrides", multiple=True, help="override a protocol field, e.g. model.args.width=32")
     @click.option("--k", "k", type=int, default=2, show_default=True, help="number of groups")
     @click.option("--M", "--m", "M", type=int, default=5, show_default=True, help="k-means centres per class")
-    @click.option("--method", type=click.Choice(["auto", "exhaustive", "spectral", "recursive"]), default="auto",
-                  show_default=True)
+    @click.option("--method", type=click.Choice(["auto", "exhaustive", "spectral", "recursive", "maxcut"]),
+                  default="auto", show_default=True,
+                  help="auto: exhaustive max-cut for 2 groups of up to 20 classes, recursive max-cut for 2 groups of "
+                       "more, spectral clustering for more groups; maxcut: the k-way max-cut heuristic (greedy "
+                       "assignment + local search) for any number of groups")
     @click.option("--min-size", type=int, default=1, show_default=True, help="smallest allowed group")
     @click.option("--top", type=int, default=5, show_default=True, help="alternatives to list")
     @click.option("--distilled", type=click.Path(), default=None,
@@ -237,6 +242,11 @@ def register(cli: click.Group) -> None:
     @click.option("--groups", "groups_text", default=None,
                   help="e.g. '0,1,2,8,9;3,4,5,6,7' (indices or class names); default: max-cut on probe features "
                        "of the first original-flat model")
+    @click.option("--num-groups", "num_groups", type=int, default=None,
+                  help="number of computed groups [default: 2]: 2 with up to 20 classes is the exhaustive max-cut; "
+                       "otherwise a k-way max-cut heuristic (greedy assignment + local search of single-class moves "
+                       "and swaps, 10 starts, deterministic given --seed) that maximises the summed class distance "
+                       "between groups, e.g. --num-groups 5 on CIFAR-100-LT")
     @click.option("--routing", type=click.Choice(["hard", "soft"]), default="hard", show_default=True)
     @click.option("--group-prior-tau", type=float, default=0.0, show_default=True,
                   help="subtract tau*log(pi_g) from the group logits (group-level logit adjustment)")
@@ -253,11 +263,18 @@ def register(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(), default=None, help="where to write two_stage.json (default: beside "
                                                                   "the set)")
     @click.option("--json", "as_json", is_flag=True)
-    def two_stage_cmd(distilled, groups_text, routing, group_prior_tau, protocol, overrides, runs, rows,
+    def two_stage_cmd(distilled, groups_text, num_groups, routing, group_prior_tau, protocol, overrides, runs, rows,
                       probe_per_class, M, seed, device, out, as_json, **kw):
         """Two-stage classification: a group classifier + intra-group classifiers, with the ablation rows
         (original/distilled data for each stage) and the flat baselines, on the data a distilled set was made from."""
-        from ..grouping import _feature_split, class_centroids, class_distance_matrix, embed_features, partition
+        from ..grouping import (
+            EXHAUSTIVE_MAX_CLASSES,
+            _feature_split,
+            class_centroids,
+            class_distance_matrix,
+            embed_features,
+            partition,
+        )
         from ..synset import SyntheticSet
         from ..train import resolve_device
         from ..two_stage import ROWS, parse_groups, run_ablation
@@ -265,6 +282,12 @@ def register(cli: click.Group) -> None:
         syn = SyntheticSet.load(distilled)
         base = C.from_dict(C.DataConfig, syn.meta["data"]) if isinstance(syn.meta.get("data"), dict) else None
         cfg = data_config(base, **kw)
+        if num_groups is not None and groups_text is not None:
+            raise LtddError("--num-groups and --groups exclude each other: --groups gives the groups, --num-groups "
+                            "computes that many")
+        if num_groups is not None and num_groups < 2:
+            raise LtddError(f"--num-groups must be >= 2, got {num_groups}")
+        k = 2 if num_groups is None else int(num_groups)
         row_list = list(ROWS) if rows is None else [r.strip() for r in rows.split(",") if r.strip()]
         bad = [r for r in row_list if r not in ROWS]
         if bad or not row_list:
@@ -280,6 +303,9 @@ def register(cli: click.Group) -> None:
         dev = resolve_device(device)
         data = _prepare(cfg)
         syn.check_compatible(data, str(distilled))
+        if k > data.num_classes:
+            raise LtddError(f"--num-groups {k}: {data.name} has only {data.num_classes} classes")
+        method = "exhaustive" if k == 2 and data.num_classes <= EXHAUSTIVE_MAX_CLASSES else "maxcut"
         groups = parse_groups(groups_text, data.num_classes, data.class_names) if groups_text is not None else None
         grouping: dict = {}
 
@@ -287,7 +313,7 @@ def register(cli: click.Group) -> None:
             x, y, info = _feature_split(data, "probe", M)
             feats = embed_features(model, x)
             D = class_distance_matrix(class_centroids(feats, y.numpy(), data.num_classes, M=M, seed=seed))
-            part = partition(D, 2, "auto", seed=seed)
+            part = partition(D, k, method, seed=seed)
             grouping.update({"features_split": info["split"], "supplemented_from_train":
                              info["supplemented_from_train"], "M": M, **part, "distance_matrix": D.tolist()})
             return part["groups"]
