@@ -15,7 +15,7 @@ __all__ = ["reproduce_cmd", "TABLES", "main"]
 TABLES = ("lad-cifar10lt", "two-stage", "accuracy-vs-compute", "fair-cifar10lt")
 LAD_ONLY = ("ifs", "ipcs", "methods", "variant", "full_epochs")
 TWO_STAGE_ONLY = ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_iterations", "mtt_experts",
-                  "expert_epochs", "mtt_lr_lr", "M", "raw_pixels")
+                  "expert_epochs", "mtt_lr_lr", "M", "raw_pixels", "groups")
 
 
 def _flag(name: str) -> str:
@@ -24,8 +24,10 @@ def _flag(name: str) -> str:
 
 @click.command("reproduce")
 @click.argument("table", metavar="TABLE")
-@click.option("--profile", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="cpu: a scale for a few CPU cores; gpu: the papers' scale")
+@click.option("--profile", type=click.Choice(["cpu", "gpu", "paper-real"]), default="cpu", show_default=True,
+              help="cpu: a scale for a few CPU cores; gpu: the papers' scale; paper-real (two-stage only): every "
+                   "network at the paper's scale, GM and MTT distillation reduced to fit about 4 hours on 2 CPU "
+                   "cores, one run per row")
 @click.option("--plan", is_flag=True,
               help="list every cell with its key, what it runs and its state (done / running / partial / stale / "
                    "to do); compute nothing")
@@ -37,10 +39,11 @@ def _flag(name: str) -> str:
               help="report folder; the cell records go to RESULTS/cells/TABLE-PROFILE")
 @click.option("--root", default=DEFAULT_ROOT, show_default=True,
               help="CIFAR-10 archive or folder (LTDD_DATA: the folder that holds the datasets)")
-@click.option("--runs", type=int, default=3, show_default=True, help="evaluation runs per cell (gpu: at least 5)")
+@click.option("--runs", type=int, default=3, show_default=True,
+              help="evaluation runs per cell (gpu: at least 5; two-stage paper-real: 1 unless given)")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N [default: CUDA when present]")
 @click.option("--threads", type=int, default=None,
-              help="torch CPU threads [default: torch's own; two-stage on CPU: 1]")
+              help="torch CPU threads [default: torch's own; two-stage on CPU: 1, paper-real: 2]")
 @click.option("--adopt-legacy", "adopt", default=None, metavar="PATH",
               help="one-time import of cells computed before cells were keyed: a folder of name-keyed cell JSONs "
                    "(e.g. runs/reproduce/lad-cifar10lt-cpu/cells) or an old results JSON; every cell the grid "
@@ -58,24 +61,33 @@ def _flag(name: str) -> str:
                    "lad-ce=lad:distill.phases.0.inner_loss=soft_ce")
 @click.option("--full-epochs", "full_epochs", type=int, default=None,
               help="lad-cifar10lt: epochs of the full-data rows [default: 30 cpu, 200 gpu]")
-@click.option("--width", type=int, default=None, help="two-stage: ConvNet width [default: 32 cpu, 128 gpu]")
+@click.option("--width", type=int, default=None,
+              help="two-stage: ConvNet width of every classifier [default: 32 cpu, 128 gpu and paper-real]")
 @click.option("--real-epochs", "real_epochs", type=int, default=None,
-              help="two-stage, cpu: epochs of a network trained on real images [default: 20]")
+              help="two-stage: epochs of a network trained on real images [default: 20 cpu, 300 gpu and paper-real]")
 @click.option("--syn-epochs", "syn_epochs", type=int, default=None,
-              help="two-stage, cpu: epochs of a network trained on distilled images [default: 200]")
+              help="two-stage: epochs of a network trained on distilled images [default: 200 cpu, 300 gpu and "
+                   "paper-real]")
 @click.option("--gm-iterations", "gm_iterations", type=int, default=None,
-              help="two-stage, cpu: GM (DC) iterations [default: 20]")
+              help="two-stage: GM (DC) iterations [default: 20 cpu, 5 paper-real, 1000 gpu]")
 @click.option("--mtt-iterations", "mtt_iterations", type=int, default=None,
-              help="two-stage, cpu: MTT iterations [default: 60]")
-@click.option("--mtt-experts", "mtt_experts", type=int, default=None, help="two-stage, cpu: MTT experts [default: 3]")
+              help="two-stage: MTT iterations [default: 60 cpu, 30 paper-real, the mtt preset's gpu]")
+@click.option("--mtt-experts", "mtt_experts", type=int, default=None,
+              help="two-stage: MTT experts [default: 3 cpu, 1 paper-real, the mtt preset's gpu]")
 @click.option("--expert-epochs", "expert_epochs", type=int, default=None,
-              help="two-stage, cpu: epochs per MTT expert [default: 12]")
+              help="two-stage: epochs per MTT expert [default: 12 cpu, 21 paper-real, the mtt preset's gpu]")
 @click.option("--mtt-lr-lr", "mtt_lr_lr", type=float, default=None,
-              help="two-stage, cpu: MTT step-size learning rate [default: 1e-7; the preset's 1e-5 collapses here]")
+              help="two-stage: MTT step-size learning rate [default: 1e-7 cpu and paper-real (the preset's 1e-5 "
+                   "drives the learned step size to its floor on un-whitened pixels), the preset's gpu]")
 @click.option("--M", "M", type=int, default=None, help="two-stage: k-means centres per class for the grouping "
                                                        "[default: 5]")
-@click.option("--raw-pixels", "raw_pixels", is_flag=True, default=None,
-              help="two-stage: [0, 1] pixels instead of per-channel standardisation")
+@click.option("--raw-pixels/--standardised-pixels", "raw_pixels", default=None,
+              help="two-stage: raw [0, 1] pixels, as the paper, or per-channel standardisation [default: raw for "
+                   "paper-real, standardised for cpu and gpu]")
+@click.option("--groups", "groups", default=None, metavar="SPLIT",
+              help="two-stage: a fixed two-way split whose two-stage rows are computed beside the max-cut split's, "
+                   "e.g. '0,1,8,9;2,3,4,5,6,7' (class indices or names, groups separated by ';'); 'none': the "
+                   "max-cut split only [default: the vehicles/animals split for paper-real, none for cpu and gpu]")
 def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work, results, root, runs, device,
                   threads, adopt, **table_opts):
     """Reproduce one of the papers' tables as a grid of resumable cells and write a report beside the paper's
@@ -99,6 +111,9 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     """
     if table not in TABLES:
         raise LtddError(f"unknown table '{table}' (known: {', '.join(TABLES)})")
+    if profile == "paper-real" and table != "two-stage":
+        raise LtddError(f"--profile paper-real is a profile of the two-stage table only, not of {table} "
+                        f"(use cpu or gpu)")
     given = {k for k, v in table_opts.items() if v not in (None, (), False)}
     foreign = given - set({"lad-cifar10lt": LAD_ONLY, "two-stage": TWO_STAGE_ONLY, "fair-cifar10lt": ("ifs",)}
                           .get(table, ()))
@@ -202,11 +217,17 @@ def _two_stage(common: dict, t: dict, *, threads, plan: bool, report_only: bool)
     from .cells import log, plan_lines
     from .two_stage_table import TwoStageGrid, TwoStageOptions
 
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("runs") == click.core.ParameterSource.DEFAULT:
+        common = {**common, "runs": None}  # the profile's default (paper-real: one run, as the paper)
     opts = TwoStageOptions(**common, threads=threads, **{k: t[k] for k in TWO_STAGE_ONLY})
     grid = TwoStageGrid(opts)
     if plan:
         for line in plan_lines(grid.plan()):
             click.echo(line)
+        if opts.profile == "paper-real":
+            for line in grid.estimate_lines():
+                click.echo(line)
         return
     if report_only:
         stem = grid.write_report()

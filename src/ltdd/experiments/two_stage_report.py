@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -11,7 +12,19 @@ import numpy as np
 from ..config import atomic_write_text, save_json, to_dict
 from .machine import machine_line
 from .paper import two_stage_paper
-from .two_stage_table import ROWS, TABLE
+from .two_stage_table import (
+    BUDGET_S,
+    DSA_FACTOR,
+    EPOCH_S,
+    GM_ITERATION_S,
+    MTT_ITERATION_S,
+    ROWS,
+    TABLE,
+    TEST_LOGITS_S,
+    TWO_STAGE_ORDER,
+    VEHICLES_ANIMALS,
+    default_runs,
+)
 
 __all__ = ["write_report", "render_markdown", "command_args"]
 
@@ -19,7 +32,7 @@ __all__ = ["write_report", "render_markdown", "command_args"]
 def command_args(grid) -> str:
     """The options that differ from the defaults, as command-line text."""
     o = grid.opts
-    out = f" --runs {o.runs}" if int(o.runs) != 3 else ""
+    out = f" --runs {o.runs}" if int(o.runs) != default_runs(o.profile) else ""
     for name in ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_iterations", "mtt_experts",
                  "expert_epochs", "mtt_lr_lr"):
         v = getattr(o, name)
@@ -27,8 +40,12 @@ def command_args(grid) -> str:
             out += f" --{name.replace('_', '-')} {v:g}" if isinstance(v, float) else f" --{name.replace('_', '-')} {v}"
     if o.M != 5:
         out += f" --M {o.M}"
-    if o.raw_pixels:
-        out += " --raw-pixels"
+    if o.raw_pixels != (o.profile == "paper-real"):
+        out += " --raw-pixels" if o.raw_pixels else " --standardised-pixels"
+    default_split = grid._fixed_groups(VEHICLES_ANIMALS) if o.profile == "paper-real" else None
+    if grid.fixed_groups != default_split:
+        out += (" --groups '" + ";".join(",".join(map(str, g)) for g in grid.fixed_groups) + "'"
+                if grid.fixed_groups else " --groups none")
     return out
 
 
@@ -43,18 +60,25 @@ def write_report(grid, data: dict, results: dict, complete: bool) -> Path:
     return stem
 
 
-def _scale_text(settings: dict, profile: str, normalize: bool) -> dict:
+def _scale_text(grid) -> dict:
+    settings, profile, normalize = grid.settings, grid.opts.profile, grid.dcfg.normalize
     pix = ("per-channel mean/std standardisation of the LT train set, no ZCA (paper: raw [0, 1] pixels, no ZCA; "
            "a per-channel affine map, and the distillers' step sizes are set for standardised pixels)"
            if normalize else "raw [0, 1] pixels, no ZCA (as the paper)")
     mtt_ex = [o.split("=", 1)[1] for o in settings["mtt_overrides"] if o.startswith("experts.")] or ["?", "?"]
+    data = ("CIFAR-10-LT, exponential profile, n_max = 1000, IF 100 -> 2,478 images "
+            "[1000, 599, 359, 215, 129, 77, 46, 27, 16, 10] (as the paper); balanced 10k test set; " + pix)
+    grouping = ("probe split: 200 unused training images per class (not the test set, unlike the paper), "
+                "embedded by the run-0 Original-flat model; per-class k-means M = 5 (k-means++, 10 restarts); "
+                "D_ik over all centre pairs; exhaustive max-cut over the 511 two-way splits")
+    if profile == "paper-real":
+        return _paper_real_scale(grid, data, grouping)
     if profile != "cpu":
-        return {"data": pix, "networks": "ConvNet-3 width 128, 300 epochs each (paper scale)",
-                "GM": "dc preset (1000 iterations, outer 10 / inner 50, 256 real per class)",
-                "MTT": "mtt preset (paper-scale experts and iterations)"}
+        sc = grid.scale_parts()
+        return {"data": pix, "networks": f"ConvNet-3; {sc['real']}; {sc['syn']}",
+                "GM": f"dc preset; {sc['gm']}", "MTT": f"mtt preset; {sc['mtt']}"}
     return {
-        "data": "CIFAR-10-LT, exponential profile, n_max = 1000, IF 100 -> 2,478 images "
-                "[1000, 599, 359, 215, 129, 77, 46, 27, 16, 10] (as the paper); balanced 10k test set; " + pix,
+        "data": data,
         "networks": f"every classifier (flat, group, intra-group) is ConvNet-3 width {settings['width']} "
                     f"(paper: 128), instance norm; DC protocol: SGD lr 0.01 constant, momentum 0.9, wd 5e-4, "
                     f"batch 256, no augmentation, cross-entropy",
@@ -74,11 +98,48 @@ def _scale_text(settings: dict, profile: str, normalize: bool) -> dict:
                f"and leaves the images at their real init - measured, with and without ZCA (paper: official MTT "
                f"defaults, e.g. 100 experts x 50 epochs, 5000 iterations, 20 student steps); the learned lr is not "
                f"used in evaluation - every row is evaluated with the same DC protocol",
-        "grouping": "probe split: 200 unused training images per class (not the test set, unlike the paper), "
-                    "embedded by the run-0 Original-flat model; per-class k-means M = 5 (k-means++, 10 restarts); "
-                    "D_ik over all centre pairs; exhaustive max-cut over the 511 two-way splits",
+        "grouping": grouping,
         "runs": "each row: independent seeds 0..runs-1 (network init and batch order); the real-data group "
                 "classifier of a seed is shared by Original + GM / + MTT / + Original; mean ± population std",
+    }
+
+
+def _paper_real_scale(grid, data: str, grouping: str) -> dict:
+    """The paper-real profile: what is at the paper's scale, what is reduced, and the budget arithmetic."""
+    sc = grid.scale_parts()
+    gm, mtt, ex = grid.dc_cfg.distill, grid.mtt_cfg.distill, grid.mtt_cfg.experts
+    ph = mtt.phases[0]
+    est = grid.estimate_lines()[0]
+    n_runs = len(grid.seeds)
+    return {
+        "data": data,
+        "networks": f"every classifier (flat, group, intra-group) is ConvNet-3, instance norm, trained with the DC "
+                    f"protocol (SGD lr 0.01 constant, momentum 0.9, wd 5e-4, batch 256, no augmentation, "
+                    f"cross-entropy). {sc['real']}; {sc['syn']}",
+        "GM": f"dc preset at the paper's per-iteration settings (ConvNet-3 width 128, outer 10 / inner 50, 256 real "
+              f"images per class, noise init, lr_img 0.1 momentum 0.5, lr_net 0.01, no DSA). {sc['gm']}: one "
+              f"iteration takes about {GM_ITERATION_S:g} s on one core, so the paper's 1000 would take "
+              f"{1000 * GM_ITERATION_S / 3600:.0f} core-hours; {gm.iterations} iterations are "
+              f"{gm.iterations * gm.options.get('outer_loop', 10)} image updates from noise, so this set is an "
+              f"early GM set",
+        "MTT": f"mtt preset at its paper-scale per-iteration settings ({ph.syn_steps} student steps, expert_epochs "
+               f"{ph.expert_epochs}, start epochs [0, {ph.max_start_epoch}), lr_img {mtt.lr_img:g}, real init, hard "
+               f"labels; experts ConvNet-3 width {ex.model.args.get('width', 128)}, SGD 0.01, DSA). {sc['mtt']}: "
+               f"{ex.num_experts} expert(s) x {ex.train.epochs} epochs (distillation reads only epochs "
+               f"0..{ph.max_start_epoch - 1 + ph.expert_epochs}, so longer experts would change nothing), "
+               f"{mtt.iterations} iterations of about {MTT_ITERATION_S:g} s; lr_lr {mtt.lr_lr:g} as the cpu "
+               f"profile (the preset's 1e-5 drove the learned step size to its floor at iteration 0 on un-whitened "
+               f"pixels, measured at the cpu scale)",
+        "budget": f"about 4 hours on 2 CPU cores for the whole table ({BUDGET_S / 3600:g} core-hours). Measured "
+                  f"on one core at width 128: {EPOCH_S:g} s per epoch on the 2,478 images (14-17 s), "
+                  f"{GM_ITERATION_S:g} s per GM iteration, {MTT_ITERATION_S:g} s per MTT iteration; derived: "
+                  f"{TEST_LOGITS_S:g} s per test pass of a network, x{DSA_FACTOR:g} for an expert epoch with DSA. "
+                  f"The networks at the paper's scale take most of it (5 networks' worth of 300 epochs on the real "
+                  f"images: Original flat, and per split the group classifier and Original + Original's two "
+                  f"intra-group classifiers); GM and MTT get what is left. {est}",
+        "grouping": grouping,
+        "runs": f"{n_runs} run{'s' if n_runs != 1 else ''} per row (the paper: single runs); the real-data group "
+                f"classifier of a seed is shared by Original + GM / + MTT / + Original",
     }
 
 
@@ -94,7 +155,7 @@ def _payload(grid, data: dict, results: dict, complete: bool) -> dict:
         "machine": machine_line(grid.table.device),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "runs": int(o.runs),
-        "scale": _scale_text(grid.settings, o.profile, grid.dcfg.normalize),
+        "scale": _scale_text(grid),
         "settings": grid.settings,
         "data": {"config": to_dict(grid.dcfg), "train_counts": data["train_counts"],
                  "class_names": data["class_names"], "class_groups": data["class_groups"]},
@@ -129,6 +190,42 @@ def _iters(overrides) -> str:
     return "preset"
 
 
+def _no_spec_refs(text) -> str:
+    """A note without citations of the project's internal write-up ("two-stage.md §6.3, ...")."""
+    return re.sub(r"\s*two-stage\.md\s*(§\s*[\d.]+)?,?\s*", " ", str(text)).replace("( ", "(").strip()
+
+
+def _both_splits(P: dict, F: dict) -> list[str]:
+    """The two-stage rows under the computed (max-cut) split and under the fixed split, side by side, with the
+    max-cut objective of each split."""
+    G = P.get("grouping")
+    rows, fixed = P.get("rows", {}), P.get("rows_fixed", {})
+    L = ["", "## Two-stage rows under the computed and the fixed split", "",
+         "Max-cut objective: the sum of the class distance D_ik over class pairs in different groups (larger = "
+         "the groups are further apart), on the run-0 Original-flat model's probe features."]
+    if G:
+        L += ["", f"- computed (max-cut): {{{', '.join(G['group_names'][0])}}} vs {{{', '.join(G['group_names'][1])}}}"
+                  f", objective {G['cut']:.1f} (rank 1)"]
+    else:
+        L += ["", "- computed (max-cut): not computed yet"]
+    obj = (f", objective {F['cut']:.1f} (rank {F['rank']} of {F['of']}, {max(0.0, F['gap']):.1f} below the max-cut)"
+           if "cut" in F else ", objective: once the grouping is computed")
+    L.append(f"- {F['text']}{obj}" + (" - the same split as the computed one" if F.get("same_as_computed") else ""))
+    if F.get("group_summary"):
+        L.append("- fixed split's group priors on the LT training set: " + "; ".join(
+            f"G{i + 1}: {g['train_images']} images ({100 * g['prior']:.1f} %), within-group imbalance "
+            f"{g['imbalance']:.1f}" for i, g in enumerate(F["group_summary"])))
+    L += ["", "| row | acc, computed | acc, fixed | class std, computed | class std, fixed | group acc, computed | "
+              "group acc, fixed | acc (paper) | class std (paper) |", "| --- " * 9 + "|"]
+    for row in TWO_STAGE_ORDER:
+        a, b = (x.get(row, {}).get("summary", {}) for x in (rows, fixed))
+        p = P["paper"][row]
+        L.append(f"| {ROWS[row][0]} | {_f(a.get('accuracy'))} | {_f(b.get('accuracy'))} | {_f(a.get('class_std'))} | "
+                 f"{_f(b.get('class_std'))} | {_f(a.get('group_accuracy'))} | {_f(b.get('group_accuracy'))} | "
+                 f"{p['accuracy']} | {p['class_std']} |")
+    return L
+
+
 def _f(ms, scale: float = 100.0) -> str:
     if not isinstance(ms, dict) or ms.get("mean") is None:
         return "–"
@@ -154,7 +251,7 @@ def render_markdown(P: dict) -> str:
     # groups
     G = P.get("grouping")
     if G:
-        L += ["", "## The groups (two-stage.md §5.3)", "",
+        L += ["", "## The groups", "",
               f"Computed: **G1 = {{{', '.join(G['group_names'][0])}}}**, **G2 = {{{', '.join(G['group_names'][1])}}}**"
               f" — max-cut value {G['cut']:.1f} (exhaustive, over {G['references']['paper_fig2_inferred']['of']} "
               f"splits; features: {G['features_split']} split, M = {G['M']}).", "",
@@ -167,6 +264,10 @@ def render_markdown(P: dict) -> str:
         for k, r in G["references"].items():
             L.append(f"| {k} | {', '.join(r['group_names'][0])} | {', '.join(r['group_names'][1])} | {r['cut']:.1f} | "
                      f"{r['rank']} of {r['of']} | {max(0.0, r['gap']):.1f} |")
+        F = P.get("fixed_split")
+        if F and "cut" in F:
+            L.append(f"| fixed (--groups) | {', '.join(F['group_names'][0])} | {', '.join(F['group_names'][1])} | "
+                     f"{F['cut']:.1f} | {F['rank']} of {F['of']} | {max(0.0, F['gap']):.1f} |")
         L += ["", "Group priors of the long-tailed training set (the group classifier sees these): " +
               "; ".join(f"G{i + 1}: {s['train_images']} images ({100 * s['prior']:.1f} %), within-group imbalance "
                         f"{s['imbalance']:.1f}" for i, s in enumerate(G["group_summary"])) + "."]
@@ -197,7 +298,19 @@ def render_markdown(P: dict) -> str:
                  f"{_f(s.get('accuracy'))} | {p['accuracy']} | {_f(s.get('class_std'))} | {p['class_std']} | "
                  f"{_f(s.get('group_accuracy'))} | {_p(p['group_accuracy'])} |")
     L += ["", "Train imgs: ours / paper (every image once per stage that uses it). " +
-          " ".join(f"{k}: {v}." for k, v in P.get("paper_notes", {}).items())]
+          " ".join(f"{k}: {_no_spec_refs(v)}." for k, v in P.get("paper_notes", {}).items())]
+
+    # scale per row
+    RS = P.get("row_scale")
+    if RS:
+        L += ["", "## Scale of each row: what is at the paper's scale and what is reduced", "",
+              "| row | scale |", "| --- | --- |"]
+        L += [f"| {label} | {RS[row]} |" for row, (label, *_rest) in ROWS.items() if row in RS]
+
+    # the two-stage rows under both splits
+    F = P.get("fixed_split")
+    if F:
+        L += _both_splits(P, F)
 
     # routing variants
     L += ["", "## Extra columns: soft routing and the group-prior correction (same networks)", "",
@@ -215,8 +328,8 @@ def render_markdown(P: dict) -> str:
                  f"{_f(s.get('class_std_hard_prior'))} | {_f(s.get('group_accuracy_hard_prior'))} | "
                  f"{_f(s.get('acc_soft_prior'))} | {_f(s.get('class_std_soft_prior'))} |")
 
-    # §6.4 metrics
-    L += ["", "## All §6.4 metrics (%)", "",
+    # the paper's metrics
+    L += ["", "## All the paper's metrics (%)", "",
           "head = classes 0–2, medium = 3–6, tail = 7–9 (by frequency); many (> 100 images) = 0–4, medium-shot "
           "(20–100) = 5–7, few (< 20) = 8–9. Paper values are derived from its per-class table.", "",
           "| row | | acc | class std | worst class | head | medium | tail | many | med-shot | few |",
@@ -247,8 +360,8 @@ def render_markdown(P: dict) -> str:
     T = P.get("timings", {})
     if T:
         order = ["data", "original_flat_run0", "row_original_flat", "distill_gm", "row_gm_flat", "mtt_experts",
-                 "distill_mtt", "row_mtt_flat", "row_original+gm",
-                 "row_original+mtt", "row_gm+gm", "row_original+original", "grouping_stability", "total_wall"]
+                 "distill_mtt", "row_mtt_flat"] + [f"row_{r}" for r in TWO_STAGE_ORDER] + \
+                [f"row_{r}-fixed" for r in TWO_STAGE_ORDER] + ["grouping_stability", "total_wall"]
         L += ["", "## Timing (seconds, wall clock, this machine)", "",
               "Summed over every call of this work folder (a resumed call only adds what it recomputed); the "
               "machine's 2 cores were shared with other jobs, so these are loaded-machine times: " +
@@ -350,6 +463,19 @@ def _reading(P: dict) -> str:
         notes.append(f"Groups: max-cut gives {{{', '.join(G['group_names'][0])}}} vs the rest; the paper's inferred "
                      f"split ranks {r1['rank']} of {r1['of']}, vehicles/animals ranks {r2['rank']}.")
     st = P.get("settings", {})
+    F = P.get("fixed_split")
+    fixed = P.get("rows_fixed", {})
+    if F and "original+gm" in fixed and "original+gm" in rows:
+        a, b = (100 * x["original+gm"]["summary"]["accuracy"]["mean"] for x in (rows, fixed))
+        notes.append(f"Original + GM under the computed split {a:.1f} vs under the {F['text']} {b:.1f}"
+                     + (f"; the fixed split's max-cut objective ranks {F['rank']} of {F['of']}" if "rank" in F else "")
+                     + (" (it is the computed split)" if F.get("same_as_computed") else "") + ".")
+    if P.get("profile") == "paper-real":
+        sp = P.get("scale_parts", {})
+        notes.append(f"Scale caveat: every network is at the paper's scale, but the distilled sets are not - "
+                     f"{sp.get('gm', 'GM set: reduced')}; {sp.get('mtt', 'MTT set: reduced')} - so the GM and MTT "
+                     f"rows measure early, short distillations, and differences to the paper in those rows say "
+                     f"little about the method itself.")
     if P.get("profile") == "cpu":
         notes.append(f"Scale caveat: width-{st.get('width')} networks, {st.get('real_epochs')} epochs on real data "
                      f"(paper 300), and a short GM ({_iters(st.get('dc_overrides'))} iterations) / MTT "

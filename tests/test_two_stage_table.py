@@ -1,0 +1,226 @@
+"""The two-stage table (``ltdd reproduce two-stage``): the paper-real profile and its budget, the fixed split beside
+the computed one, what of each row is at the paper's scale, and that every changed setting makes exactly the cells
+it reaches stale. Nothing heavy runs: plans need no data, one tiny table runs on digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ltdd.config import DataConfig
+from ltdd.errors import LtddError
+from ltdd.experiments.command import main, reproduce_cmd
+from ltdd.experiments.two_stage_table import (
+    BUDGET_S,
+    EPOCH_S,
+    GM_ITERATION_S,
+    ROWS,
+    TEST_LOGITS_S,
+    TWO_STAGE_ORDER,
+    TwoStageGrid,
+    TwoStageOptions,
+    estimate_seconds,
+)
+
+FIXED = [f"{r}-fixed" for r in TWO_STAGE_ORDER]
+PAPER_NETS = "paper scale (width 128, 300 epochs, raw [0, 1] pixels)"
+VEHICLES = [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]]
+
+
+def _dirs(tmp_path) -> list[str]:
+    return ["--work", str(tmp_path / "w"), "--results", str(tmp_path / "res")]
+
+
+def _run(*args: str) -> str:
+    res = CliRunner().invoke(reproduce_cmd, [str(a) for a in args])
+    assert res.exit_code == 0 and res.exception is None, (res.output, res.exception)
+    return res.output
+
+
+def _states(out: str) -> dict:
+    return {ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.split() and "preset" in ln}
+
+
+def test_paper_real_profile_is_the_papers_scale_with_reduced_distillation(tmp_path):
+    grid = TwoStageGrid(TwoStageOptions(profile="paper-real", work=str(tmp_path / "w"), results=str(tmp_path / "r")))
+    o, st = grid.opts, grid.settings
+    assert (st["width"], st["real_epochs"], st["syn_epochs"]) == (128, 300, 300)
+    assert o.runs == 1 and grid.seeds == [0] and o.raw_pixels and not grid.dcfg.normalize and not grid.dcfg.zca
+    assert grid.model_cfg.args == {"width": 128} and grid.table.name == "two-stage-paper-real"
+    t = grid.train_cfg
+    assert (t.lr, t.momentum, t.weight_decay, t.batch_size, t.schedule, t.dsa) == (0.01, 0.9, 5e-4, 256, "constant",
+                                                                                   False)
+    # GM: the dc preset at the paper's settings but for the iterations
+    gm = grid.dc_cfg.distill
+    assert (gm.iterations, gm.image_init, gm.lr_img, gm.momentum_img) == (5, "noise", 0.1, 0.5)
+    assert {k: gm.options[k] for k in ("outer_loop", "inner_loop", "batch_real", "lr_net")} == \
+        {"outer_loop": 10, "inner_loop": 50, "batch_real": 256, "lr_net": 0.01}
+    assert grid.scale_parts()["gm"] == "GM set: reduced (iterations 5 instead of 1000)"
+    # MTT: the preset's per-iteration settings, one expert trained just as far as distillation reads it
+    ex, mtt = grid.mtt_cfg.experts, grid.mtt_cfg.distill
+    ph = mtt.phases[0]
+    assert (ex.num_experts, ex.train.epochs, mtt.iterations, mtt.lr_lr) == (1, 21, 30, 1e-7)
+    assert (ph.syn_steps, ph.expert_epochs, ph.max_start_epoch) == (30, 2, 20)
+    assert ex.train.epochs == ph.max_start_epoch - 1 + ph.expert_epochs
+    assert grid.fixed_groups == VEHICLES
+    scale = grid.row_scale("original+gm")
+    assert f"real nets: {PAPER_NETS}" in scale and f"nets on distilled images: {PAPER_NETS}" in scale
+    assert "GM set: reduced (iterations 5 instead of 1000)" in scale and "MTT" not in scale
+    assert grid.row_scale("original+original") == f"real nets: {PAPER_NETS}"
+    # the cpu profile says what it reduces; options and runs
+    cpu = TwoStageGrid(TwoStageOptions(work=str(tmp_path / "w"), results=str(tmp_path / "r")))
+    assert cpu.row_scale("original_flat") == ("real nets: reduced (width 32 instead of 128, 20 epochs instead of 300, "
+                                              "per-channel standardised pixels instead of raw [0, 1])")
+    assert cpu.opts.runs == 3 and cpu.fixed_groups is None
+    assert TwoStageOptions(profile="paper-real", runs=3).runs == 3 and TwoStageOptions(profile="gpu").runs == 5
+    assert not TwoStageOptions(profile="paper-real", raw_pixels=False).raw_pixels
+    assert TwoStageOptions(profile="paper-real", groups="none").groups == "none"
+    with pytest.raises(LtddError, match="paper-real"):
+        TwoStageOptions(profile="paper")
+
+
+def test_paper_real_fits_its_budget_and_no_more_gm_would():
+    grid = TwoStageGrid(TwoStageOptions(profile="paper-real"))
+    est = estimate_seconds(grid)
+    total = sum(est.values())
+    assert 0.95 * BUDGET_S < total <= BUDGET_S < total + GM_ITERATION_S
+    real_net = 300 * EPOCH_S + TEST_LOGITS_S
+    assert est["original_flat"] == pytest.approx(real_net)
+    assert est["original+original"] == est["original+original-fixed"] == pytest.approx(real_net + TEST_LOGITS_S)
+    assert est["distill-gm"] == pytest.approx(5 * GM_ITERATION_S)
+    assert est["gm+gm"] < est["original+gm"]  # the GM intra-group classifiers are charged to Original + GM
+    assert "total 7.96 core-hours = about 4.0 h on 2 cores" in grid.estimate_lines()[0]
+    # three runs per row would not fit: the networks alone take three times as long
+    assert sum(estimate_seconds(TwoStageGrid(TwoStageOptions(profile="paper-real", runs=3))).values()) > 2 * BUDGET_S
+
+
+def test_paper_real_plan_needs_no_data_and_shows_each_rows_scale(tmp_path):
+    out = _run("two-stage", "--profile", "paper-real", "--plan", *_dirs(tmp_path), "--root",
+               tmp_path / "missing.tar.gz")
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if "preset" in ln}
+    assert list(lines) == ["data", "grouping", "original_flat", "distill-gm", "gm_flat", "experts-mtt", "distill-mtt",
+                           "mtt_flat", *TWO_STAGE_ORDER, *FIXED, "grouping-stability"]
+    assert "17 cells: 0 done, 0 running, 0 partial, 17 to do" in out and "total 7.96 core-hours" in out
+    assert "1 seed;" in lines["original+gm"] and PAPER_NETS in lines["original+gm"]
+    assert "GM set: reduced (iterations 5 instead of 1000)" in lines["original+gm"]
+    assert "fixed split {airplane, automobile, ship, truck} vs {bird, cat, deer, dog, frog, horse}" in \
+        lines["original+gm-fixed"]
+    assert "iterations 30 instead of 10000" in lines["distill-mtt"] and "[est. 4,671 s]" in lines["original_flat"]
+    assert "§" not in out and ".md" not in out
+    assert "2 seeds;" in _run("two-stage", "--profile", "paper-real", "--runs", "2", "--plan", *_dirs(tmp_path))
+    out = _run("two-stage", "--profile", "paper-real", "--groups", "none", "--plan", *_dirs(tmp_path))
+    assert "13 cells" in out and "-fixed" not in out
+    out = _run("two-stage", "--groups", "airplane,automobile,ship,truck;2,3,4,5,6,7", "--plan", *_dirs(tmp_path))
+    assert "17 cells" in out and "core-hours" not in out  # a fixed split on the cpu profile too; no estimate
+
+
+@pytest.mark.parametrize("args,word", [
+    (["lad-cifar10lt", "--profile", "paper-real"], "paper-real"),
+    (["fair-cifar10lt", "--profile", "paper-real"], "paper-real"),
+    (["two-stage", "--groups", "0,1;2,3;4,5,6,7,8,9"], "two groups"),
+    (["two-stage", "--groups", "0,1,plane;2,3,4,5,6,7,8,9"], "'plane'"),
+    (["two-stage", "--groups", "0,1;2,3,4,5,6,7,8"], "[9] are in no group"),
+    (["two-stage", "--profile", "paper-real", "--runs", "0"], "--runs"),
+    (["two-stage", "--profile", "paper-real", "--gm-iterations", "-1"], "--gm-iterations"),
+])
+def test_bad_input_is_one_clear_line(args, word, tmp_path, capsys):
+    rc = main(args + ["--plan", *_dirs(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().count("\n") == 0 and word in err and err.startswith("ltdd: error: "), err
+    assert "§" not in err
+
+
+STATIC = {"data", "distill-gm", "experts-mtt", "distill-mtt"}
+COMPUTED = set(ROWS)
+
+
+@pytest.mark.parametrize("extra,stale", [
+    (["--width", "64"], {"grouping", "grouping-stability", *COMPUTED, *FIXED}),
+    (["--real-epochs", "100"], {"grouping", "grouping-stability", *COMPUTED, "original+gm-fixed",
+                                "original+mtt-fixed", "original+original-fixed"}),
+    (["--syn-epochs", "100"], {"grouping-stability", "gm_flat", "mtt_flat", "original+gm", "original+mtt", "gm+gm",
+                               "original+gm-fixed", "original+mtt-fixed", "gm+gm-fixed"}),
+    (["--gm-iterations", "4"], {"distill-gm", "grouping-stability", "gm_flat", "original+gm", "gm+gm",
+                                "original+gm-fixed", "gm+gm-fixed"}),
+    (["--mtt-iterations", "20"], {"distill-mtt", "grouping-stability", "mtt_flat", "original+mtt",
+                                  "original+mtt-fixed"}),
+    (["--mtt-experts", "2"], {"experts-mtt", "distill-mtt", "grouping-stability", "mtt_flat", "original+mtt",
+                              "original+mtt-fixed"}),
+    (["--M", "3"], {"grouping", "grouping-stability", *COMPUTED}),  # the fixed split does not come from the grouping
+    (["--standardised-pixels"], {*STATIC, "grouping", "grouping-stability", *COMPUTED, *FIXED}),
+    (["--groups", "0,1,2,8,9;3,4,5,6,7"], set(FIXED)),
+    (["--runs", "2"], {"grouping-stability", *COMPUTED, *FIXED}),
+])
+def test_a_changed_setting_makes_exactly_the_cells_it_reaches_stale(extra, stale, tmp_path):
+    """Every cell of a paper-real table recorded as done; one setting changed: the cells it reaches are stale (and
+    would be recomputed, never shown under the new labels), the others stay done."""
+    grid = TwoStageGrid(TwoStageOptions(profile="paper-real", work=str(tmp_path / "w"), results=str(tmp_path / "res")))
+    for c, *_ in grid.cells():
+        grid.table.save(c, {"summary": {}} if c.name in ROWS or c.name in FIXED else {})
+    base = ["two-stage", "--profile", "paper-real", "--plan", *_dirs(tmp_path)]
+    assert set(_states(_run(*base)).values()) == {"done"}
+    st = _states(_run(*base, *extra))
+    assert {c for c, s in st.items() if s == "stale"} == stale
+    assert {c for c, s in st.items() if s != "stale"} == set(st) - stale and set(st.values()) <= {"done", "stale"}
+    if "--groups" in extra:  # the record of a fixed row names the split it was computed under
+        rec = json.loads((tmp_path / "res" / "cells" / "two-stage-paper-real" / "gm+gm-fixed.json").read_text())
+        assert rec["key"]["groups"] == VEHICLES
+
+
+@pytest.mark.slow
+def test_tiny_table_with_a_fixed_split_and_its_reports(tmp_path, one_thread, capsys):
+    """A tiny table on digits with a fixed split: both splits' rows, cells keyed by the split (another split
+    recomputes only its rows and networks), the report's sections; then the same records rendered as a paper-real
+    report."""
+    data = DataConfig(dataset="digits", imbalance_factor=10, zca=False, probe_per_class=5)
+    work, res = str(tmp_path / "w"), str(tmp_path / "res")
+
+    def grid(groups):
+        o = TwoStageOptions(work=work, results=res, runs=1, width=4, real_epochs=1, syn_epochs=1, gm_iterations=1,
+                            mtt_iterations=1, mtt_experts=1, expert_epochs=11, groups=groups)
+        return TwoStageGrid(o, data_config=data)
+
+    g = grid("0,1,2,3,4;5,6,7,8,9")
+    stem = g.run()
+    P = json.loads(stem.with_suffix(".json").read_text())
+    assert P["complete"] and set(P["rows_fixed"]) == set(TWO_STAGE_ORDER)
+    F = P["fixed_split"]
+    assert F["groups"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and F["rank"] >= 1 and F["of"] == 511
+    from ltdd.grouping import cut_value
+
+    assert F["cut"] == pytest.approx(cut_value(P["grouping"]["distance_matrix"], F["groups"]))
+    assert F["cut"] <= P["grouping"]["cut"]
+    assert g.table.record("original+gm-fixed")["key"]["groups"] == F["groups"]
+    assert g.table.record("original+gm-fixed")["result"]["groups"] == F["groups"]
+    assert "--groups '0,1,2,3,4;5,6,7,8,9'" in P["command"] and "estimate" not in P
+    md = stem.with_suffix(".md").read_text()
+    assert "## Two-stage rows under the computed and the fixed split" in md
+    assert f"objective {F['cut']:.1f} (rank {F['rank']} of 511" in md and "| fixed (--groups) |" in md
+    assert f"objective {P['grouping']['cut']:.1f} (rank 1)" in md
+    assert "## Scale of each row" in md and "| Original + GM | real nets: reduced (width 4 instead of 128" in md
+    assert "§" not in md and "two-stage.md" not in md
+    # another fixed split: only its rows (and networks) are computed again
+    capsys.readouterr()
+    grid("0,2,4,6,8;1,3,5,7,9").run()
+    log = capsys.readouterr().out
+    for r in TWO_STAGE_ORDER:
+        assert f"{r}: done before, reusing" in log and f"{r}-fixed: stale (recorded under key" in log
+    assert "net group-real-02468-13579" in log and "net group-real-01234" not in log
+    # the same records under a paper-real grid's keys: its report (labels and scale come from the paper-real grid)
+    raw = DataConfig(dataset="digits", imbalance_factor=10, zca=False, normalize=False, probe_per_class=5)
+    pr = TwoStageGrid(TwoStageOptions(profile="paper-real", work=str(tmp_path / "pw"), results=res,
+                                      groups="0,1,2,3,4;5,6,7,8,9"), data_config=raw)
+    for c, *_ in pr.cells():
+        rec = g.table.record(c.name)
+        if rec is not None:
+            pr.table.save(c, rec["result"])
+    md = pr.write_report().with_suffix(".md").read_text()
+    assert "`paper-real` profile" in md and "total 7.96 core-hours" in md
+    assert f"| Original (flat) | real nets: {PAPER_NETS} |" in md
+    assert "GM set: reduced (iterations 5 instead of 1000)" in md and "**budget**" in md
+    assert "Scale caveat: every network is at the paper's scale" in md
+    assert "--groups '0,1,2,3,4;5,6,7,8,9'" in md and "--runs" not in md.split("Command:")[1].split("\n")[0]
+    assert Path(res, "two-stage-paper-real.json").is_file()
