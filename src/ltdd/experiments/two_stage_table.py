@@ -67,7 +67,7 @@ PAPER_WIDTH, PAPER_EPOCHS = 128, 300  # every network of the paper: ConvNet-3 wi
 # Single-thread costs on this project's CPUs at width 128 (measured):
 EPOCH_S = 15.5            # one training epoch on the 2,478 real images (measured 14-17 s)
 GM_ITERATION_S = 382.0    # one GM (DC) iteration at the paper's settings (outer 10 / inner 50, 256 real per class)
-MTT_ITERATION_S = 40.0    # one MTT iteration at the mtt preset's settings (30 student steps on the 100 images)
+MTT_ITERATION_S = 40.0    # one MTT iteration (measured ~40 s; taken as the mtt preset's 30 student steps on 100 images)
 # Derived, not measured on their own:
 TEST_LOGITS_S = 21.0      # the 10k test images through a trained network: forward only, ~1/3 of a training step
 DSA_FACTOR = 1.1          # an MTT expert epoch (DSA augmentation) against a plain epoch
