@@ -199,3 +199,31 @@ def test_tiny_table_on_digits(tmp_path, one_thread):
     assert json.loads(grid.table.path("if10-lad").read_text()) == before
     stem = write_report(grid)
     assert "| lad |" in stem.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("table, args, word", [
+    ("lad-cifar10lt", ["--standardised-pixels"], "--raw-pixels/--standardised-pixels: not an option of the "
+                                                 "lad-cifar10lt table"),
+    ("fair-cifar10lt", ["--width", "64"], "--width: not an option of the fair-cifar10lt table"),
+    ("fair-cifar10lt", ["--methods", "lad"], "--methods: not an option"),
+    ("accuracy-vs-compute", ["--ifs", "10"], "--ifs: not an option"),
+])
+def test_an_option_of_another_table_is_one_clear_line(tmp_path, table, args, word):
+    from click.testing import CliRunner
+
+    from ltdd.experiments.command import reproduce_cmd
+
+    res = CliRunner().invoke(reproduce_cmd, [table, "--plan", "--work", str(tmp_path / "w"), "--results",
+                                             str(tmp_path / "r"), *args])
+    assert res.exit_code != 0 and word in str(res.exception)
+
+
+def test_plan_of_the_shipped_table_needs_no_data(tmp_path):
+    from click.testing import CliRunner
+
+    from ltdd.experiments.command import reproduce_cmd
+
+    res = CliRunner().invoke(reproduce_cmd, ["fair-cifar10lt", "--plan", "--ifs", "100", "--work",
+                                             str(tmp_path / "w"), "--results", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "if100-lad+adsa-own" in res.output and "if10-" not in res.output

@@ -19,6 +19,8 @@ TWO_STAGE_ONLY = ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_it
 
 
 def _flag(name: str) -> str:
+    if name == "raw_pixels":
+        return "--raw-pixels/--standardised-pixels"
     return "--" + name.replace("_", "-") if name != "M" else "--M"
 
 
@@ -114,7 +116,7 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
     if profile == "paper-real" and table != "two-stage":
         raise LtddError(f"--profile paper-real is a profile of the two-stage table only, not of {table} "
                         f"(use cpu or gpu)")
-    given = {k for k, v in table_opts.items() if v not in (None, (), False)}
+    given = {k for k, v in table_opts.items() if v is not None and v != ()}  # False: a given off-switch
     foreign = given - set({"lad-cifar10lt": LAD_ONLY, "two-stage": TWO_STAGE_ONLY, "fair-cifar10lt": ("ifs",)}
                           .get(table, ()))
     if foreign:
