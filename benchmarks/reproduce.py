@@ -3,6 +3,9 @@
     python benchmarks/reproduce.py --profile cpu --table lad-cifar10lt            # IF 10 and 100, IPC 10
     python benchmarks/reproduce.py --profile gpu --table lad-cifar10lt            # paper scale, IPC 10 and 50
     python benchmarks/reproduce.py --profile cpu --table two-stage
+    python benchmarks/reproduce.py --profile paper-real --table two-stage         # real nets at the paper's scale
+    python benchmarks/reproduce.py --profile cpu --table fair-cifar10lt           # every method x label mode
+    python benchmarks/reproduce.py --profile cpu --table accuracy-vs-compute
     python benchmarks/reproduce.py ... --plan           # list every cell, its key, preset, scale and state
     python benchmarks/reproduce.py ... --report-only    # rewrite the report from the finished cells
     torchrun --nproc_per_node=K benchmarks/reproduce.py ...   # cells and experts spread over the ranks

@@ -1,6 +1,7 @@
 """The two-stage paper's Tables 1-3 on CIFAR-10-LT: ``ltdd reproduce two-stage`` with the results in benchmarks/results.
 
     python benchmarks/two_stage_table.py --profile cpu
+    python benchmarks/two_stage_table.py --profile paper-real --plan   # the paper's scale for real-image networks
     python benchmarks/two_stage_table.py --profile cpu --plan      # every cell, its key and state
     python benchmarks/reproduce.py --profile cpu --table two-stage   # the same
 
