@@ -201,6 +201,7 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
                   "Full data (same split, hard labels): " + ", ".join(
                       f"{FULL_NAMES.get(m, m)} {_pct(_acc(r))}" for m, r in full.items()) + ". Random real subset: "
                   + ", ".join(f"{m} {_pct(_acc(b))} ± {_pct(_std(b))}" for m, b in base.items()) + ".", "",
+                  _teacher_line(results.get(grid.teacher_test_cell(IF).name)), "",
                   "| row | compute (s) | hard | own | teacher | LRS |", "|---|---:|---|---|---|---:|"]
         for f in rows:
             lrs = f["lrs"]["lrs"] if f["lrs"] else None
@@ -222,6 +223,16 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
     if stale:
         lines += [f"Left out (recorded under another key, recomputed on the next run): {', '.join(stale)}", ""]
     return "\n".join(lines)
+
+
+def _teacher_line(res: dict | None) -> str:
+    """What the teacher of the teacher mode is worth on the test set."""
+    if res is None:
+        return "The teacher's own test accuracy: to do."
+    g = _groups(res)
+    return (f"The teacher (RLDD's debiased teacher of this IF) on the test set: {_pct(_acc(res))} %, class std "
+            f"{_pct(g.get('class_std'))}, head / medium / tail {_pct(g.get('head'))} / {_pct(g.get('medium'))} / "
+            f"{_pct(g.get('tail'))}.")
 
 
 def write_report(grid: FairGrid, out_dir: str | Path | None = None) -> Path:

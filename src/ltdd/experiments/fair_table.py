@@ -272,6 +272,11 @@ class FairGrid:
                 "teacher": self.teacher_cell(IF).hash if mode == "teacher" else None,
                 "runs": int(self.opts.runs), **extra}
 
+    def teacher_test_cell(self, IF: int) -> Cell:
+        """The teacher's own test accuracy (what the teacher mode's labels are worth)."""
+        return Cell(f"if{IF}-teacher-test", {"kind": "teacher-test", "teacher": self.teacher_cell(IF).hash,
+                                             "data": data_key(self.config(self.rows[0], IF).data)})
+
     def eval_cell(self, row: Row, IF: int, mode: str) -> Cell:
         src = self.row(row.of) if row.of else row
         return Cell(f"if{IF}-{row.name}-{mode}", self._eval_key(mode, IF, self.distill_cell(src, IF).hash,
@@ -303,6 +308,7 @@ class FairGrid:
         out += [(self.full_cell(m, IF), "full", f"{m} on the full long-tailed set") for m in self.full]
         out += [(self.distill_cell(r, IF), "distill", f"{r.name}: {self.config(r, IF).distill.method}")
                 for r in self.distilled_rows()]
+        out.append((self.teacher_test_cell(IF), "teacher", "the teacher's own test accuracy"))
         out += [(self.baseline_cell(IF, m), "baseline", f"random real subset, {m} labels") for m in ("hard", "teacher")]
         for r in self.rows:
             for m in self.modes(r, IF):
@@ -398,6 +404,9 @@ class FairGrid:
                 deal=False)))
         sets = lambda r: (self.distill_cell(self.row(r.of) if r.of else r, IF),)  # noqa: E731
         teacher = (self.teacher_cell(IF),)
+        tcell = self.teacher_test_cell(IF)
+        out.append((tcell, teacher, lambda: t.cell(tcell, lambda: _teacher_test(self._teacher(IF, data()), data()),
+                                                   deal=False)))
         first = self.distilled_rows()[0]  # any set of the table's IPC gives the baselines their size
         for m in ("hard", "teacher"):
             out.append((self.baseline_cell(IF, m), sets(first) + (teacher if m == "teacher" else ()),
@@ -470,6 +479,13 @@ class FairGrid:
                 elif self.table.record(cell.name) is not None:
                     stale.append(cell.name)
         return results, stale
+
+
+def _teacher_test(teacher, data) -> dict:
+    from ..evaluate import summarise, test_metrics
+
+    m = test_metrics(teacher.model, data)
+    return {"summary": summarise([m]), "metrics": m.to_dict(), "teacher": teacher.identity}
 
 
 def _full_train(profile: str):
