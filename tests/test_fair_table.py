@@ -30,9 +30,9 @@ def test_shipped_rows_modes_and_shared_cells(tmp_path):
     for IF in g.ifs:
         modes = {r.name: g.modes(r, IF) for r in g.rows}
         for hard_set in ("random", "dm", "dc", "mtt"):  # no soft labels: own = hard, not evaluated twice
-            assert modes[hard_set] == ("hard", "teacher")
+            assert modes[hard_set] == ("hard", "teacher", "teacher-crt")
         for soft_set in ("datm", "lad", "rldd", "rldd-no-debias", "rldd-no-bnfair", "rldd-no-crop-init"):
-            assert modes[soft_set] == ("hard", "own", "teacher")
+            assert modes[soft_set] == ("hard", "own", "teacher", "teacher-crt")
         assert modes["lad+adsa"] == ("own",)
         # MTT, DATM and LAD read one trajectory store; the RLDD rows but the no-debias ablation share one
         stores = {r.name: g.store_cell(r, IF) for r in g.distilled_rows()}
@@ -46,6 +46,10 @@ def test_shipped_rows_modes_and_shared_cells(tmp_path):
         # the teacher mode names its teacher; the hard and own modes none
         assert g.eval_cell(g.row("dm"), IF, "teacher").key["teacher"] == g.teacher_cell(IF).hash
         assert g.eval_cell(g.row("dm"), IF, "hard").key["teacher"] is None
+        crt = g.teacher_cell(IF, "crt")  # the second teacher: cRT on the full set, the full-data recipe
+        assert crt.key["method"] == "crt" and crt.key["train"] == g.full_cell("crt", IF).key["train"]
+        assert g.eval_cell(g.row("dm"), IF, "teacher-crt").key["teacher"] == crt.hash
+        assert g.eval_cell(g.row("dm"), IF, "teacher-crt").key["mode"] == "teacher"
         # LAD runs its released configuration for (IF, IPC 10), as in the LAD table
         lad_cfg = g.config(g.row("lad"), IF)
         assert lad_cfg.data.resolved_imbalance_factor() == IF and lad_cfg.distill.ipc == 10
@@ -75,8 +79,10 @@ def test_full_data_cells_share_the_lad_tables_key_and_records(tmp_path):
     (lambda r: r["rows"].append({"name": "x", "preset": "nope"}), "unknown preset 'nope'"),
     (lambda r: r["rows"].append({"name": "x", "of": "lad+adsa"}), "not a distilled row"),
     (lambda r: r["rows"].append({"name": "x", "preset": "dm", "calibrate": True}), "calibrate applies"),
-    (lambda r: r.update(teacher="dm"), "no debiased store"),
-    (lambda r: r.update(teacher="zzz"), "is not a row"),
+    (lambda r: r.update(teachers=["dm"]), "no debiased store"),
+    (lambda r: r.update(teachers=["zzz"]), "neither a row nor a long-tail method"),
+    (lambda r: r.update(teachers=["crt", "crt"]), "named twice"),
+    (lambda r: r.update(teachers="rldd"), "must be a list"),
     (lambda r: r["rows"].append({"name": "dm", "preset": "dm"}), "distinct names"),
     (lambda r: r["protocols"]["cpu"].update(relabel="cpu"), "not a relabel protocol"),
     (lambda r: r.update(common=["distill.eval_every=0"]), "other data settings"),  # LAD's ZCA vs RLDD's none
@@ -132,15 +138,16 @@ def test_report_gains_lrs_compute_and_reading_from_hand_made_cells(tmp_path):
     assert by["lad+adsa"]["compute"] == f["compute"] and by["lad+adsa"]["modes"]["own"]["tau"] == 0.7
     assert by["dm"]["modes"]["own"] == {"same_as": "hard"} and by["lad+adsa"]["modes"]["hard"] is None
     read = reading(g, figs)
-    assert "IF 100: RLDD above LAD under the relabel protocol (teacher mode): holds (55.0 vs 50.0, +5.0 points)" in read
+    assert ("IF 100: RLDD above LAD under the relabel protocol (mode teacher: teacher rldd): holds (55.0 vs 50.0, "
+            "+5.0 points)") in read
     assert "IF 100: RLDD above LAD under LAD's own protocol (own mode): does not hold (41.0 vs 45.0, -4.0 points)" \
         in read
     assert any(s.startswith("IF 100: RLDD at no more than a quarter of LAD's compute: does not hold") for s in read)
     assert "IF 100: LAD + ADSA at least LAD (own mode): does not hold (44.0 vs 45.0, -1.0 points)" in read
     stem = write_report(g)
     md = stem.with_suffix(".md").read_text()
-    assert "| lad | 1700 | 30.0 ± 1.0 (+0.0) | 45.0 ± 1.0 (+10.0) | 50.0 ± 1.0 (+10.0) | 0.228 |" in md
-    assert "| dm | - | to do | = hard | to do | - |" in md
+    assert "| lad | 1700 | 30.0 ± 1.0 (+0.0) | 45.0 ± 1.0 (+10.0) | 50.0 ± 1.0 (+10.0) | to do | 0.228 |" in md
+    assert "| dm | - | to do | = hard | to do | to do | - |" in md
     assert json.loads(stem.with_suffix(".json").read_text())["rows"]["100"][5]["row"] == "lad"
 
 
@@ -150,7 +157,7 @@ TINY = {
     "ipc": 1, "ifs": [10], "common": ["distill.eval_every=0"],
     "protocols": {"cpu": {"sgd": "cpu", "relabel": "relabel_cpu",
                           "set": ["train.epochs=3", "model.args.width=8"]}},
-    "teacher": "rldd",
+    "teachers": ["rldd", "crt"],
     "trajectory_store": ["experts.num_experts=1", "experts.train.epochs=2", "experts.classifier_train.epochs=2",
                          "experts.model.args.width=8"],
     "rows": [
@@ -182,6 +189,12 @@ def test_tiny_table_on_digits(tmp_path, one_thread):
     store = str(grid.store_dir(grid.row("rldd"), 10))
     for name in ("if10-lad-teacher", "if10-random-teacher", "if10-baseline-teacher", "if10-teacher-test"):
         assert results[name]["teacher"]["path"].startswith(store)
+    crt = str(grid.table.artifact(grid.teacher_cell(10, "crt")))  # the second teacher: cRT trained by the table
+    for name in ("if10-lad-teacher-crt", "if10-random-teacher-crt", "if10-baseline-teacher-crt",
+                 "if10-teacher-crt-test"):
+        assert results[name]["teacher"]["path"].startswith(crt)
+    for name in ("if10-lad-teacher", "if10-random-teacher", "if10-baseline-teacher", "if10-teacher-test"):
+        assert results[name]["teacher"]["path"].startswith(store)
         if name != "if10-teacher-test":
             assert results[name]["label_mode"] == "teacher"
             assert results[name]["protocol_name"].startswith("relabel_cpu")
@@ -196,8 +209,10 @@ def test_tiny_table_on_digits(tmp_path, one_thread):
     before = json.loads(grid.table.path("if10-lad").read_text())
     for f in lad_set.iterdir():
         f.unlink()
+    teacher_file = grid.teacher_path(10, "crt")
+    teacher_file.unlink()
     grid.run()
-    assert (lad_set / "distilled.safetensors").is_file()
+    assert (lad_set / "distilled.safetensors").is_file() and teacher_file.is_file()
     assert json.loads(grid.table.path("if10-lad").read_text()) == before
     stem = write_report(grid)
     assert "| lad |" in stem.with_suffix(".md").read_text()

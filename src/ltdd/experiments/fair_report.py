@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import atomic_write_text, save_json
 from ..scores import label_robust_score
 from .compute_cost import kinds_read
-from .fair_table import MODES, TABLE, FairGrid
+from .fair_table import TABLE, FairGrid
 from .machine import machine_line
 
 __all__ = ["row_figures", "reading", "write_report", "RULE"]
@@ -77,12 +77,12 @@ def row_compute(grid: FairGrid, row, IF: int, results: dict) -> float | None:
 def row_figures(grid: FairGrid, IF: int, results: dict) -> list[dict]:
     """Per row: per mode the accuracy, its std over runs, the baseline's accuracy and the gain; LRS; groups."""
     full = {m: _acc(results.get(grid.full_cell(m, IF).name)) for m in grid.full}
-    base = {m: results.get(grid.baseline_cell(IF, m).name) for m in ("hard", "teacher")}
+    base = {m: results.get(grid.baseline_cell(IF, m).name) for m in ("hard", *grid.teacher_modes)}
     out = []
     for r in grid.rows:
         modes = grid.modes(r, IF)
         fig = {"row": r.name, "IF": IF, "compute": row_compute(grid, r, IF, results), "modes": {}}
-        for m in MODES:
+        for m in grid.all_modes:
             if m not in modes:
                 fig["modes"][m] = {"same_as": "hard"} if (m == "own" and "hard" in modes) else None
                 continue
@@ -150,7 +150,8 @@ def reading(grid: FairGrid, figs: dict[int, list[dict]]) -> list[str]:
             out.append(f"IF {IF}: {what}: {verdict} ({_pct(x)} vs {_pct(y)}, {_pct(x - y, True)} points)")
 
         if "rldd" in by and "lad" in by:
-            cmp("rldd", "teacher", "lad", "teacher", "RLDD above LAD under the relabel protocol (teacher mode)")
+            for m, name in grid.teacher_modes.items():
+                cmp("rldd", m, "lad", m, f"RLDD above LAD under the relabel protocol (mode {m}: teacher {name})")
             cmp("rldd", "own", "lad", "own", "RLDD above LAD under LAD's own protocol (own mode)")
             c_r, c_l = by["rldd"]["compute"], by["lad"]["compute"]
             if c_r is not None and c_l is not None:
@@ -186,8 +187,9 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
              f"- **own**: its own soft labels (hard-label sets have none: = hard), protocol "
              f"`{grid.protocol_names['sgd']}`; its baseline is the random subset given the soft labels the row's "
              "method would have started it with (ADSA-calibrated for the calibrated row);",
-             f"- **teacher**: every training batch relabelled by one teacher per IF (RLDD's debiased teacher), "
-             f"protocol `{grid.protocol_names['relabel']}` (MSE on logits + 0.025 CE, cutmix, EMA);",
+             f"- **teacher** modes: every training batch relabelled by one teacher per IF, the same for every row, "
+             f"protocol `{grid.protocol_names['relabel']}` (MSE on logits + 0.025 CE, cutmix, EMA): "
+             + "; ".join(f"`{m}`: {_teacher_what(grid, n)}" for m, n in grid.teacher_modes.items()) + ";",
              "- each accuracy is the mean ± std over "
              f"{o.runs} runs, with (in brackets) the gain over the random real subset of the same size drawn from "
              "the long-tailed train set, under the same protocol and mode;",
@@ -196,21 +198,22 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
              f"- {RULE}", ""]
     for IF, rows in figs.items():
         full = {m: results.get(grid.full_cell(m, IF).name) for m in grid.full}
-        base = {m: results.get(grid.baseline_cell(IF, m).name) for m in ("hard", "teacher")}
+        base = {m: results.get(grid.baseline_cell(IF, m).name) for m in ("hard", *grid.teacher_modes)}
         lines += [f"## IF {IF}", "",
                   "Full data (same split, hard labels): " + ", ".join(
                       f"{FULL_NAMES.get(m, m)} {_pct(_acc(r))}" for m, r in full.items()) + ". Random real subset: "
                   + ", ".join(f"{m} {_pct(_acc(b))} ± {_pct(_std(b))}" for m, b in base.items()) + ".", "",
-                  _teacher_line(results.get(grid.teacher_test_cell(IF).name)), "",
-                  "| row | compute (s) | hard | own | teacher | LRS |", "|---|---:|---|---|---|---:|"]
+                  *[_teacher_line(n, results.get(grid.teacher_test_cell(IF, n).name)) for n in grid.teachers], "",
+                  "| row | compute (s) | " + " | ".join(grid.all_modes) + " | LRS |",
+                  "|---|---:|" + "---|" * len(grid.all_modes) + "---:|"]
         for f in rows:
             lrs = f["lrs"]["lrs"] if f["lrs"] else None
             lines.append(f"| {f['row']} | {_seconds(f['compute'])} | " + " | ".join(
-                _cell_text(f["modes"][m]) for m in MODES) + f" | {'-' if lrs is None else f'{lrs:.3f}'} |")
+                _cell_text(f["modes"][m]) for m in grid.all_modes) + f" | {'-' if lrs is None else f'{lrs:.3f}'} |")
         lines += ["", "Class std and head / medium / tail accuracy per mode (random subset's in brackets):", "",
                   "| row | mode | class std | head | medium | tail |", "|---|---|---:|---:|---:|---:|"]
         for f in rows:
-            for m in MODES:
+            for m in grid.all_modes:
                 v = f["modes"][m]
                 if not v or "acc" not in v or v["acc"] is None:
                     continue
@@ -225,12 +228,18 @@ def _markdown(grid: FairGrid, figs: dict, results: dict, read: list[str], stale:
     return "\n".join(lines)
 
 
-def _teacher_line(res: dict | None) -> str:
-    """What the teacher of the teacher mode is worth on the test set."""
+def _teacher_what(grid: FairGrid, name: str) -> str:
+    if grid.teacher_is_row(name):
+        return f"the debiased teacher of row {name}'s expert store"
+    return f"a {FULL_NAMES.get(name, name)} network trained on the full long-tailed set (the full-data recipe, seed 0)"
+
+
+def _teacher_line(name: str, res: dict | None) -> str:
+    """What a teacher is worth on the test set."""
     if res is None:
-        return "The teacher's own test accuracy: to do."
+        return f"Teacher {name}'s own test accuracy: to do."
     g = _groups(res)
-    return (f"The teacher (RLDD's debiased teacher of this IF) on the test set: {_pct(_acc(res))} %, class std "
+    return (f"Teacher {name} on the test set: {_pct(_acc(res))} %, class std "
             f"{_pct(g.get('class_std'))}, head / medium / tail {_pct(g.get('head'))} / {_pct(g.get('medium'))} / "
             f"{_pct(g.get('tail'))}.")
 

@@ -31,11 +31,10 @@ from .compute_table import strings
 from .lad_table import DEFAULT_ROOT, full_data_cell, ints, released_preset
 from .lad_table import TABLE as LAD_TABLE
 
-__all__ = ["TABLE", "GRID_FILE", "MODES", "Row", "FairOptions", "FairGrid"]
+__all__ = ["TABLE", "GRID_FILE", "Row", "FairOptions", "FairGrid"]
 
 TABLE = "fair-cifar10lt"
 GRID_FILE = Path(__file__).parent / "grids" / f"{TABLE}.yaml"
-MODES = ("hard", "own", "teacher")
 FULL_EPOCHS = {"cpu": 30, "gpu": 200}
 
 
@@ -87,7 +86,7 @@ class FairGrid:
         path = Path(opts.grid_file or GRID_FILE)
         raw = load_yaml(path)
         where = path.name
-        known_keys = {"description", "ipc", "ifs", "common", "protocols", "teacher", "rows", "full_data",
+        known_keys = {"description", "ipc", "ifs", "common", "protocols", "teachers", "rows", "full_data",
                       "trajectory_store"}
         unknown = sorted(set(raw) - known_keys)
         if unknown:
@@ -132,9 +131,22 @@ class FairGrid:
                 raise LtddError(f"{where}: row '{r.name}' re-evaluates '{r.of}', which is not a distilled row")
             if r.calibrate and r.of is None:
                 raise LtddError(f"{where}: row '{r.name}': calibrate applies to a re-evaluation (of: ROW)")
-        self.teacher_row = str(raw.get("teacher") or "")
-        if self.teacher_row not in names:
-            raise LtddError(f"{where}: teacher '{self.teacher_row}' is not a row")
+        from ..lt_methods import METHODS as LT_METHODS
+
+        teachers = raw.get("teachers")
+        if not isinstance(teachers, list) or not teachers or not all(isinstance(t, str) for t in teachers):
+            raise LtddError(f"{where}: 'teachers' must be a list of names (a row with a debiased store, or a "
+                            f"long-tail method trained on the full set: {', '.join(LT_METHODS)})")
+        for name in teachers:
+            if name not in names and name not in LT_METHODS:
+                raise LtddError(f"{where}: teacher '{name}' is neither a row nor a long-tail method "
+                                f"({', '.join(LT_METHODS)})")
+        if len(set(teachers)) != len(teachers):
+            raise LtddError(f"{where}: a teacher is named twice")
+        self.teachers = [str(t) for t in teachers]
+        # the first teacher's mode is 'teacher', the others' 'teacher-<name>'
+        self.teacher_modes = {("teacher" if i == 0 else f"teacher-{n}"): n for i, n in enumerate(self.teachers)}
+        self.all_modes = ("hard", "own", *self.teacher_modes)
         self.table = CellTable(opts.table, opts.work_dir(), opts.results, device)
         self.lad_cells = Path(opts.results) / "cells" / f"{LAD_TABLE}-{opts.profile}"
         self._cfg: dict = {}
@@ -218,7 +230,7 @@ class FairGrid:
 
     def check(self) -> None:
         """Every row is distilled from the same data (one teacher relabels them all, one random subset is their
-        baseline); each trajectory row reads only epochs its store trains; the teacher row has a debiased store."""
+        baseline); each trajectory row reads only epochs its store trains; a teacher row has a debiased store."""
         for IF in self.ifs:
             keys = {r.name: data_key(self.config(r, IF).data) for r in self.distilled_rows()}
             first = next(iter(keys))
@@ -236,10 +248,13 @@ class FairGrid:
                     if ph.max_start_epoch - 1 + ph.expert_epochs > epochs:
                         raise LtddError(f"row {r.name} at IF {IF}: phase '{ph.name}' reads up to epoch "
                                         f"{ph.max_start_epoch - 1 + ph.expert_epochs}, the store trains {epochs}")
-            t = self.store_config(self.row(self.teacher_row), IF)
-            if t is None or t.experts.kind != "debiased":
-                raise LtddError(f"teacher row '{self.teacher_row}' has no debiased store (its teacher relabels "
-                                "every row in the teacher mode)")
+            for name in self.teachers:
+                if not self.teacher_is_row(name):
+                    continue
+                t = self.store_config(self.row(name), IF)
+                if t is None or t.experts.kind != "debiased":
+                    raise LtddError(f"teacher row '{name}' has no debiased store (its teacher relabels every row "
+                                    "in its teacher mode)")
 
     # ---- cells --------------------------------------------------------------------------------------------------
     def distill_cell(self, row: Row, IF: int) -> Cell:
@@ -251,31 +266,57 @@ class FairGrid:
         return Cell(f"if{IF}-{row.name}", {"kind": "distill", "config": conf, "data": data_key(cfg.data),
                                            "experts": store.hash if store else None})
 
-    def teacher_cell(self, IF: int) -> Cell:
-        return self.store_cell(self.row(self.teacher_row), IF)
+    def teacher_is_row(self, name: str) -> bool:
+        return any(r.name == name for r in self.rows)
+
+    def teacher_name(self, mode: str) -> str | None:
+        return self.teacher_modes.get(mode)
+
+    def teacher_cell(self, IF: int, name: str | None = None) -> Cell:
+        """A teacher: a row's debiased store (its teacher network), or a network trained on the full long-tailed
+        set with a long-tail method (the full-data references' network and recipe, seed 0)."""
+        name = name or self.teachers[0]
+        if self.teacher_is_row(name):
+            return self.store_cell(self.row(name), IF)
+        from .lad_table import CRT_EPOCHS, full_train_config
+
+        cfg = self.config(self.rows[0], IF)
+        return Cell(f"if{IF}-teacher-{name}", {"kind": "teacher", "method": name, "data": data_key(cfg.data),
+                                               "model": material(self.protocols["sgd"].model),
+                                               "train": material(full_train_config(FULL_EPOCHS[self.opts.profile])),
+                                               "crt_epochs": CRT_EPOCHS, "seed": 0})
+
+    def teacher_path(self, IF: int, name: str) -> Path:
+        cell = self.teacher_cell(IF, name)
+        folder = store_folder(self.table.work, cell) if self.teacher_is_row(name) else self.table.artifact(cell)
+        return folder / "teacher.safetensors"
 
     def modes(self, row: Row, IF: int) -> tuple[str, ...]:
-        """The label modes a row is evaluated in: all three for a set with soft labels, hard and teacher for a
-        hard-label set (its own labels are its hard labels), own only for a calibrated re-evaluation."""
+        """The label modes a row is evaluated in: hard, own (a set with soft labels; a hard-label set's own labels
+        are its hard labels) and one teacher mode per teacher; own only for a calibrated re-evaluation."""
         if row.calibrate:
             return ("own",)
-        return MODES if self.has_soft(self.row(row.of) if row.of else row, IF) else ("hard", "teacher")
+        soft = self.has_soft(self.row(row.of) if row.of else row, IF)
+        return ("hard", *(("own",) if soft else ()), *self.teacher_modes)
 
     def has_soft(self, row: Row, IF: int) -> bool:
         d = self.config(row, IF).distill
         return d.method == "rldd" or (d.method == "tm" and bool(d.soft_labels))
 
     def _eval_key(self, mode: str, IF: int, set_hash: str | None, calibrate: bool, **extra) -> dict:
-        proto = "relabel" if mode == "teacher" else "sgd"
-        return {"kind": "evaluate", "set": set_hash, "mode": mode, "calibrate": calibrate,
+        name = self.teacher_name(mode)
+        proto = "relabel" if name else "sgd"
+        return {"kind": "evaluate", "set": set_hash, "mode": "teacher" if name else mode, "calibrate": calibrate,
                 "protocol": material(self.protocols[proto]),
-                "teacher": self.teacher_cell(IF).hash if mode == "teacher" else None,
+                "teacher": self.teacher_cell(IF, name).hash if name else None,
                 "runs": int(self.opts.runs), **extra}
 
-    def teacher_test_cell(self, IF: int) -> Cell:
-        """The teacher's own test accuracy (what the teacher mode's labels are worth)."""
-        return Cell(f"if{IF}-teacher-test", {"kind": "teacher-test", "teacher": self.teacher_cell(IF).hash,
-                                             "data": data_key(self.config(self.rows[0], IF).data)})
+    def teacher_test_cell(self, IF: int, name: str | None = None) -> Cell:
+        """A teacher's own test accuracy (what its teacher mode's labels are worth)."""
+        name = name or self.teachers[0]
+        cname = f"if{IF}-teacher-test" if name == self.teachers[0] else f"if{IF}-teacher-{name}-test"
+        return Cell(cname, {"kind": "teacher-test", "teacher": self.teacher_cell(IF, name).hash,
+                            "data": data_key(self.config(self.rows[0], IF).data)})
 
     def eval_cell(self, row: Row, IF: int, mode: str) -> Cell:
         src = self.row(row.of) if row.of else row
@@ -303,13 +344,16 @@ class FairGrid:
 
     def cells(self, IF: int) -> list[tuple[Cell, str, str]]:
         """Every cell of an IF as (cell, kind, what), in the order they are computed."""
-        out = [(c, "store", f"experts of {r.name}" + (" (the teacher)" if r.name == self.teacher_row else ""))
+        out = [(c, "store", f"experts of {r.name}" + (" (a teacher)" if r.name in self.teachers else ""))
                for c, r in self.stores(IF)]
+        out += [(self.teacher_cell(IF, n), "teacher", f"teacher {n}: trained on the full long-tailed set")
+                for n in self.teachers if not self.teacher_is_row(n)]
         out += [(self.full_cell(m, IF), "full", f"{m} on the full long-tailed set") for m in self.full]
         out += [(self.distill_cell(r, IF), "distill", f"{r.name}: {self.config(r, IF).distill.method}")
                 for r in self.distilled_rows()]
-        out.append((self.teacher_test_cell(IF), "teacher", "the teacher's own test accuracy"))
-        out += [(self.baseline_cell(IF, m), "baseline", f"random real subset, {m} labels") for m in ("hard", "teacher")]
+        out += [(self.teacher_test_cell(IF, n), "teacher", f"teacher {n}'s own test accuracy") for n in self.teachers]
+        out += [(self.baseline_cell(IF, m), "baseline", f"random real subset, {m} labels")
+                for m in ("hard", *self.teacher_modes)]
         for r in self.rows:
             for m in self.modes(r, IF):
                 out.append((self.eval_cell(r, IF, m), "eval", f"{r.name} in mode {m}"))
@@ -346,18 +390,19 @@ class FairGrid:
         src = self.row(row.of) if row.of else row
         return SyntheticSet.load(self.table.artifact(self.distill_cell(src, IF)))
 
-    def _teacher(self, IF: int, data):
+    def _teacher(self, IF: int, data, name: str | None = None):
         from ..labels import load_teacher
 
-        return load_teacher(store_folder(self.table.work, self.teacher_cell(IF)) / "teacher.safetensors", data,
-                            device=self.table.device)
+        return load_teacher(self.teacher_path(IF, name or self.teachers[0]), data, device=self.table.device)
 
     def _evaluate(self, syn, data, mode: str, IF: int, *, calibrate: bool = False, baseline: bool = False,
                   labeller=None) -> dict:
         from ..evaluate import evaluate_baseline, evaluate_set
 
-        proto = "relabel" if mode == "teacher" else "sgd"
-        kw = dict(teacher=self._teacher(IF, data) if mode == "teacher" else None, calibrate=calibrate,
+        name = self.teacher_name(mode)
+        proto = "relabel" if name else "sgd"
+        mode = "teacher" if name else mode
+        kw = dict(teacher=self._teacher(IF, data, name) if name else None, calibrate=calibrate,
                   protocol_name=self.protocol_names[proto], device=self.table.device, seed=0,
                   runs=int(self.opts.runs))
         if baseline:
@@ -392,6 +437,11 @@ class FairGrid:
             out.append((cell, (), lambda cell=cell, r=r: fill_store(
                 t, cell, self.store_config(r, IF).experts, store_folder(t.work, cell), data(), wait=False,
                 poll_s=self.opts.poll_s, label=cell.name)))
+        for n in self.teachers:
+            if not self.teacher_is_row(n):
+                cell = self.teacher_cell(IF, n)
+                out.append((cell, (), lambda cell=cell, n=n: t.cell(cell, lambda: self._train_teacher(cell, n, data()),
+                                                                    deal=False)))
         for m in self.full:
             cell = self.full_cell(m, IF)
             out.append((cell, (), lambda cell=cell, m=m: self.borrow_full(cell) or t.cell(cell, lambda: full_data(
@@ -403,20 +453,21 @@ class FairGrid:
                 self.config(r, IF), data(), t.artifact(cell), experts_dir=self.store_dir(r, IF), device=t.device),
                 deal=False)))
         sets = lambda r: (self.distill_cell(self.row(r.of) if r.of else r, IF),)  # noqa: E731
-        teacher = (self.teacher_cell(IF),)
-        tcell = self.teacher_test_cell(IF)
-        out.append((tcell, teacher, lambda: t.cell(tcell, lambda: _teacher_test(self._teacher(IF, data()), data()),
-                                                   deal=False)))
+        needs = lambda m: (self.teacher_cell(IF, self.teacher_name(m)),) if self.teacher_name(m) else ()  # noqa: E731
+        for n in self.teachers:
+            tcell = self.teacher_test_cell(IF, n)
+            out.append((tcell, (self.teacher_cell(IF, n),), lambda tcell=tcell, n=n: t.cell(
+                tcell, lambda: _teacher_test(self._teacher(IF, data(), n), data()), deal=False)))
         first = self.distilled_rows()[0]  # any set of the table's IPC gives the baselines their size
-        for m in ("hard", "teacher"):
-            out.append((self.baseline_cell(IF, m), sets(first) + (teacher if m == "teacher" else ()),
+        for m in ("hard", *self.teacher_modes):
+            out.append((self.baseline_cell(IF, m), sets(first) + needs(m),
                         lambda m=m: t.cell(self.baseline_cell(IF, m), lambda: self._evaluate(
                             self._set(first, IF), data(), m, IF, baseline=True), deal=False)))
         for r in self.rows:
             src = self.row(r.of) if r.of else r
             for m in self.modes(r, IF):
                 cell = self.eval_cell(r, IF, m)
-                out.append((cell, sets(r) + (teacher if m == "teacher" else ()),
+                out.append((cell, sets(r) + needs(m),
                             lambda cell=cell, r=r, m=m: t.cell(cell, lambda: self._evaluate(
                                 self._set(r, IF), data(), m, IF, calibrate=r.calibrate), deal=False)))
                 if m == "own":
@@ -429,11 +480,31 @@ class FairGrid:
                                                                   self.store_dir(src, IF))), deal=False)))
         return out
 
+    def _train_teacher(self, cell: Cell, name: str, data) -> dict:
+        """Train a teacher on the full long-tailed set with long-tail method ``name`` and write it beside the cell."""
+        import time
+
+        from ..evaluate import summarise
+        from ..labels import save_teacher
+        from ..lt_methods import train_full
+
+        t0 = time.time()
+        model, m = train_full(data, name, self.protocols["sgd"].model, _full_train(self.opts.profile),
+                              crt_epochs=cell.key["crt_epochs"], device=self.table.device, seed=cell.key["seed"])
+        path = save_teacher(self.table.artifact(cell) / "teacher.safetensors", model.cpu(), self.protocols["sgd"].model,
+                            data, description=f"{name} on the full long-tailed set, "
+                                              f"{cell.key['train'].get('epochs')} epochs, seed {cell.key['seed']}")
+        return {"summary": summarise([m]), "path": str(path), "seconds": time.time() - t0}
+
+    # what a recorded cell leaves in the work folder (a new machine has the record but not the file)
+    _ARTIFACT = {"distill": "distilled.safetensors", "teacher": "teacher.safetensors"}
+
     def _ready(self, cell: Cell) -> bool:
-        """A needed cell is done, and a distillation's set is in the work folder."""
+        """A needed cell is done, and what it left in the work folder (a set, a teacher) is there."""
         if self.table.fresh(cell) is None:
             return False
-        return cell.key.get("kind") != "distill" or (self.table.artifact(cell) / "distilled.safetensors").is_file()
+        kind = cell.key.get("kind")
+        return kind not in self._ARTIFACT or (self.table.artifact(cell) / self._ARTIFACT[kind]).is_file()
 
     def run(self) -> None:
         """Compute every cell not done yet, IF by IF, each once the cells it needs are done. Several processes may
@@ -461,6 +532,9 @@ class FairGrid:
                         log(f"{cell.name}: the set is not in {t.work}; distilling it again")
                         timed_distill(self.config(r, IF), self._data(IF, self._cache), t.artifact(cell),
                                       experts_dir=self.store_dir(r, IF), device=t.device)
+                    if cell.key.get("kind") == "teacher" and not self._ready(cell):
+                        log(f"{cell.name}: the teacher is not in {t.work}; training it again")
+                        self._train_teacher(cell, cell.key["method"], self._data(IF, self._cache))
                     pending.remove(item)
                     progressed = True
                 if pending and not progressed:
