@@ -507,40 +507,39 @@ class FairGrid:
         return kind not in self._ARTIFACT or (self.table.artifact(cell) / self._ARTIFACT[kind]).is_file()
 
     def run(self) -> None:
-        """Compute every cell not done yet, IF by IF, each once the cells it needs are done. Several processes may
-        share the work folder: a cell another process holds is skipped and its dependants wait for it. A recorded
-        distillation whose set is not in the work folder (another machine) is distilled again, keeping its record."""
+        """Compute every cell not done yet, IF by IF, each once the cells it needs are done (a cell that waits for
+        another process lets the next ones, of any IF, go first). Several processes may share the work folder: a
+        cell another process holds is skipped and its dependants wait for it. A recorded distillation whose set (or
+        a teacher whose network) is not in the work folder (another machine) is made again, keeping its record."""
         import time
 
         from .compute_table import timed_distill
 
         self._cache: dict = {}
         t = self.table
-        for IF in self.ifs:
-            pending = self.tasks(IF)
-            while pending:
-                progressed = False
-                for item in list(pending):
-                    cell, needs, fn = item
-                    if not all(self._ready(c) for c in needs):
-                        continue
-                    fn()
-                    if t.fresh(cell) is None:
-                        continue  # held by another process (or a store another process is finishing)
-                    if cell.key.get("kind") == "distill" and not self._ready(cell):
-                        r = next(r for r in self.distilled_rows() if self.distill_cell(r, IF).name == cell.name)
-                        log(f"{cell.name}: the set is not in {t.work}; distilling it again")
-                        timed_distill(self.config(r, IF), self._data(IF, self._cache), t.artifact(cell),
-                                      experts_dir=self.store_dir(r, IF), device=t.device)
-                    if cell.key.get("kind") == "teacher" and not self._ready(cell):
-                        log(f"{cell.name}: the teacher is not in {t.work}; training it again")
-                        self._train_teacher(cell, cell.key["method"], self._data(IF, self._cache))
-                    pending.remove(item)
-                    progressed = True
-                if pending and not progressed:
-                    log(f"IF {IF}: waiting for {len(pending)} cells that need another process's work")
-                    time.sleep(self.opts.poll_s)
-            self._cache.clear()
+        pending = [(IF, item) for IF in self.ifs for item in self.tasks(IF)]  # IF by IF, in the table's order
+        while pending:
+            progressed = False
+            for entry in list(pending):
+                IF, (cell, needs, fn) = entry
+                if not all(self._ready(c) for c in needs):
+                    continue
+                fn()
+                if t.fresh(cell) is None:
+                    continue  # held by another process (or a store another process is finishing)
+                if cell.key.get("kind") == "distill" and not self._ready(cell):
+                    r = next(r for r in self.distilled_rows() if self.distill_cell(r, IF).name == cell.name)
+                    log(f"{cell.name}: the set is not in {t.work}; distilling it again")
+                    timed_distill(self.config(r, IF), self._data(IF, self._cache), t.artifact(cell),
+                                  experts_dir=self.store_dir(r, IF), device=t.device)
+                if cell.key.get("kind") == "teacher" and not self._ready(cell):
+                    log(f"{cell.name}: the teacher is not in {t.work}; training it again")
+                    self._train_teacher(cell, cell.key["method"], self._data(IF, self._cache))
+                pending.remove(entry)
+                progressed = True
+            if pending and not progressed:
+                log(f"waiting for {len(pending)} cells that need another process's work")
+                time.sleep(self.opts.poll_s)
 
     def collect(self) -> tuple[dict, list[str]]:
         """``({cell name: result}, stale cell names)`` under the current keys."""
