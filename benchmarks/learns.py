@@ -72,23 +72,12 @@ def _log(msg: str) -> None:
 
 def base_config(args) -> RunConfig:
     """The setting every method shares: data, experts, protocol, and LAD's distill section."""
+    over = [f"{key}={value}" for key, value in (("data.imbalance_factor", args.imbalance_factor),
+                                                  ("distill.ipc", args.ipc), ("distill.iterations", args.iterations))
+            if value is not None]
     if args.dataset == "digits":
-        over = []
-        if args.imbalance_factor is not None:
-            over.append(f"data.imbalance_factor={args.imbalance_factor}")
-        if args.ipc is not None:
-            over.append(f"distill.ipc={args.ipc}")
-        if args.iterations is not None:
-            over.append(f"distill.iterations={args.iterations}")
         return load_preset("quickstart", overrides=over + list(args.set))
-    over = [f"data.root={args.root}"]
-    if args.imbalance_factor is not None:
-        over.append(f"data.imbalance_factor={args.imbalance_factor}")
-    if args.ipc is not None:
-        over.append(f"distill.ipc={args.ipc}")
-    if args.iterations is not None:
-        over.append(f"distill.iterations={args.iterations}")
-    return load_preset("lad", "cpu", over + list(args.set))
+    return load_preset("lad", "cpu", [f"data.root={args.root}"] + over + list(args.set))
 
 
 def _scaled_phase(preset_phase, scale_phase, iterations: int, preset_iterations: int):

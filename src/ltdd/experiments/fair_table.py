@@ -28,14 +28,13 @@ from ..errors import LtddError
 from .cells import (Cell, CellTable, TableOptions, config_material, data_key, log, material, plan_lines,
                     store_folder)
 from .compute_table import strings
-from .lad_table import DEFAULT_ROOT, full_data_cell, ints, released_preset
+from .lad_table import DEFAULT_ROOT, default_full_epochs, full_data_cell, ints, released_preset
 from .lad_table import TABLE as LAD_TABLE
 
 __all__ = ["TABLE", "GRID_FILE", "Row", "FairOptions", "FairGrid"]
 
 TABLE = "fair-cifar10lt"
 GRID_FILE = Path(__file__).parent / "grids" / f"{TABLE}.yaml"
-FULL_EPOCHS = {"cpu": 30, "gpu": 200}
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,7 @@ class FairGrid:
         cfg = self.config(self.rows[0], IF)
         return Cell(f"if{IF}-teacher-{name}", {"kind": "teacher", "method": name, "data": data_key(cfg.data),
                                                "model": material(self.protocols["sgd"].model),
-                                               "train": material(full_train_config(FULL_EPOCHS[self.opts.profile])),
+                                               "train": material(full_train_config(default_full_epochs(self.opts.profile))),
                                                "crt_epochs": CRT_EPOCHS, "seed": 0})
 
     def teacher_path(self, IF: int, name: str) -> Path:
@@ -340,7 +339,7 @@ class FairGrid:
         cfg = self.config(self.rows[0], IF)
         return full_data_cell(f"if{IF}-{method}", method, cfg.data, self.protocols["sgd"].model,
                               profile=self.opts.profile, runs=self.opts.runs,
-                              full_epochs=FULL_EPOCHS[self.opts.profile])
+                              full_epochs=default_full_epochs(self.opts.profile))
 
     def cells(self, IF: int) -> list[tuple[Cell, str, str]]:
         """Every cell of an IF as (cell, kind, what), in the order they are computed."""
@@ -564,7 +563,7 @@ def _teacher_test(teacher, data) -> dict:
 def _full_train(profile: str):
     from .lad_table import full_train_config
 
-    return full_train_config(FULL_EPOCHS[profile])
+    return full_train_config(default_full_epochs(profile))
 
 
 def _distill_dict(cfg: RunConfig) -> dict:
