@@ -226,3 +226,39 @@ def test_tiny_grid_on_digits_records_measured_seconds_and_charges_its_store(tmp_
     stem = write_report(grid)
     md = stem.with_suffix(".md").read_text()
     assert "| lad | lad-a |" in md and "(to do)" not in md
+
+
+def _tiny_grid(tmp_path, **kw) -> ComputeGrid:
+    raw = dict(TINY, cost_model=load_yaml(GRID_FILE)["cost_model"])
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return _grid(tmp_path, grid_file=str(path), extra_set=DIGITS, runs=1, **kw)
+
+
+def test_points_option_computes_only_the_named_points_in_its_order(tmp_path, one_thread):
+    grid = _tiny_grid(tmp_path, only=("random", "dm-a", "random"))
+    assert [p.name for p in grid.selected()] == ["random", "dm-a"]  # given order, a repeat once
+    grid.opts.only = ("random",)
+    grid.run()
+    results, stores, _ = grid.collect()
+    assert set(results) == {"random"} and not stores  # nothing else computed, no store trained
+    assert not any(grid.store_dir("t").glob("*.safetensors"))
+    grid.opts.only = ("random", "lad-z")
+    with pytest.raises(LtddError, match=r"--points: no point 'lad-z'.*known: dm-a, lad-a, mtt-a, random, rldd-a\)"):
+        grid.run()
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--points", "mtt-l", "--plan"], "does not go with --plan"),
+    (["--points", " , "], "at least one point name"),
+    (["--points", "dm-i150", "--ifs", "10"], "--ifs: not an option of the accuracy-vs-compute table"),
+])
+def test_points_option_errors_are_one_line(tmp_path, argv, word):
+    r = CliRunner().invoke(reproduce_cmd, ["accuracy-vs-compute", "--work", str(tmp_path / "w"),
+                                           "--results", str(tmp_path / "r"), *argv])
+    assert r.exit_code != 0 and word in str(r.exception), r.output
+
+
+def test_points_option_is_refused_by_the_other_tables(tmp_path):
+    r = CliRunner().invoke(reproduce_cmd, ["fair-cifar10lt", "--points", "x", "--plan"])
+    assert r.exit_code != 0 and "--points: not an option of the fair-cifar10lt table" in str(r.exception)

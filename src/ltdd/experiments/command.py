@@ -16,6 +16,7 @@ TABLES = ("lad-cifar10lt", "two-stage", "accuracy-vs-compute", "fair-cifar10lt")
 LAD_ONLY = ("ifs", "ipcs", "methods", "variant", "full_epochs")
 TWO_STAGE_ONLY = ("width", "real_epochs", "syn_epochs", "gm_iterations", "mtt_iterations", "mtt_experts",
                   "expert_epochs", "mtt_lr_lr", "M", "raw_pixels", "groups")
+COMPUTE_ONLY = ("points",)
 
 
 def _flag(name: str) -> str:
@@ -90,6 +91,10 @@ def _flag(name: str) -> str:
               help="two-stage: a fixed two-way split whose two-stage rows are computed beside the max-cut split's, "
                    "e.g. '0,1,8,9;2,3,4,5,6,7' (class indices or names, groups separated by ';'); 'none': the "
                    "max-cut split only [default: the vehicles/animals split for paper-real, none for cpu and gpu]")
+@click.option("--points", default=None, metavar="NAMES",
+              help="accuracy-vs-compute: compute only these points (comma-separated names as --plan lists them, "
+                   "e.g. mtt-l,lad-l), in the order given, with the expert stores they read; the report still "
+                   "shows every finished point [default: every point, cheapest first]")
 def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work, results, root, runs, device,
                   threads, adopt, **table_opts):
     """Reproduce one of the papers' tables as a grid of resumable cells and write a report beside the paper's
@@ -117,7 +122,8 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
         raise LtddError(f"--profile paper-real is a profile of the two-stage table only, not of {table} "
                         f"(use cpu or gpu)")
     given = {k for k, v in table_opts.items() if v is not None and v != ()}  # False: a given off-switch
-    foreign = given - set({"lad-cifar10lt": LAD_ONLY, "two-stage": TWO_STAGE_ONLY, "fair-cifar10lt": ("ifs",)}
+    foreign = given - set({"lad-cifar10lt": LAD_ONLY, "two-stage": TWO_STAGE_ONLY, "fair-cifar10lt": ("ifs",),
+                           "accuracy-vs-compute": COMPUTE_ONLY}
                           .get(table, ()))
     if foreign:
         raise LtddError(f"{', '.join(_flag(k) for k in sorted(foreign))}: "
@@ -138,7 +144,7 @@ def reproduce_cmd(table: str, profile: str, plan: bool, report_only: bool, work,
             raise LtddError("--adopt-legacy is for the lad-cifar10lt table")
         from .compute_command import run_compute
 
-        run_compute(common, plan=plan, report_only=report_only)
+        run_compute(common, points=table_opts["points"], plan=plan, report_only=report_only)
     else:
         if adopt:
             raise LtddError("--adopt-legacy is for the lad-cifar10lt table (the two-stage table has no legacy cells "

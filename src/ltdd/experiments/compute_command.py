@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import LtddError
 from .cells import STATES
 from .compute_table import ComputeGrid, ComputeOptions
 
@@ -42,12 +43,18 @@ def plan_text(grid: ComputeGrid) -> list[str]:
     return out
 
 
-def run_compute(common: dict, *, plan: bool, report_only: bool) -> None:
-    """Plan, report or run the table with the command's common options."""
+def run_compute(common: dict, *, points: str | None = None, plan: bool, report_only: bool) -> None:
+    """Plan, report or run the table with the command's common options; ``points``: the comma-separated points to
+    compute (in that order), all when None."""
     from .compute_report import write_report
     from .drive import drive_table
 
-    opts = ComputeOptions(**common)
+    only = tuple(n.strip() for n in points.split(",") if n.strip()) if points is not None else ()
+    if points is not None and (plan or report_only):
+        raise LtddError("--points chooses what to compute; it does not go with --plan or --report-only")
+    if points is not None and not only:
+        raise LtddError("--points: give at least one point name (comma-separated)")
+    opts = ComputeOptions(**common, only=only)
     drive_table(lambda device: ComputeGrid(opts, device), plan_lines=plan_text, write_report=write_report,
                 stale=lambda g: g.collect()[2], results=opts.results, device=opts.device, plan=plan,
                 report_only=report_only, files="md, .json and .png")

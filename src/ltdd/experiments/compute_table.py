@@ -56,6 +56,7 @@ class ComputeOptions(TableOptions):
     results: str = "results"
     grid_file: str | None = None
     extra_set: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     poll_s: float = POLL_S
 
     def __post_init__(self):
@@ -65,6 +66,7 @@ class ComputeOptions(TableOptions):
         if int(self.runs) < 1:
             raise LtddError("--runs must be at least 1")
         self.extra_set = tuple(self.extra_set)
+        self.only = tuple(self.only)
 
 
 
@@ -319,12 +321,22 @@ class ComputeGrid:
                                                              experts_dir=store, runs=int(self.opts.runs),
                                                              device=self.table.device), deal=False)
 
+    def selected(self) -> list[Point]:
+        """The points ``--points`` names, in its order ([] when it names none); an unknown name is an error."""
+        by_name = {p.name: p for p in self.points}
+        unknown = [n for n in self.opts.only if n not in by_name]
+        if unknown:
+            raise LtddError(f"--points: no point {', '.join(map(repr, unknown))} in the {TABLE} table (known: "
+                            f"{', '.join(by_name)})")
+        return [by_name[n] for n in dict.fromkeys(self.opts.only)]
+
     def run(self) -> None:
         """Compute every point and store not done yet, cheapest point first (by estimate) so that the report fills
         early: a store is trained when its first point comes (the experts nobody else is training); a point whose
-        store another process is still finishing waits for the second pass."""
+        store another process is still finishing waits for the second pass. With ``--points``, only those points, in
+        the order given."""
         cache: dict = {}
-        pending = sorted(self.points, key=lambda p: self.estimate(p)["compute"])
+        pending = self.selected() or sorted(self.points, key=lambda p: self.estimate(p)["compute"])
         for wait in (False, True):
             for p in list(pending):
                 if p.store and self.table.fresh(self.point_cell(p)) is None and not self.fill_store(
