@@ -80,6 +80,10 @@ def test_the_estimate_charges_the_store_parts_a_point_reads(tmp_path):
     (lambda g: g["methods"]["mtt"]["points"][0].__setitem__("store", "nope"), "unknown store 'nope'"),
     (lambda g: g["methods"]["dm"]["points"][0].__setitem__("store", "traj-xs"), "uses no experts"),
     (lambda g: g["methods"]["lad"]["points"][0]["set"].append("distill.phases.0.max_start_epoch=6"), "reads up to"),
+    (lambda g: g.update(colour="red"), "grid.yaml: unknown key colour"),
+    (lambda g: g["methods"]["mtt"]["points"][0].__setitem__("stor", "traj-xs"), "point 'mtt-xs': unknown key stor"),
+    (lambda g: g["methods"]["dm"].__setitem__("point", []), "method 'dm': unknown key point"),
+    (lambda g: g["stores"]["traj-xs"].__setitem__("sets", []), "store 'traj-xs': unknown key sets"),
 ])
 def test_a_bad_grid_file_is_one_clear_line(tmp_path, change, word):
     raw = load_yaml(GRID_FILE)

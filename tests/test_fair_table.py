@@ -74,7 +74,7 @@ def test_full_data_cells_share_the_lad_tables_key_and_records(tmp_path):
 
 
 @pytest.mark.parametrize("change, word", [
-    (lambda r: r.update(colour="red"), "unknown keys colour"),
+    (lambda r: r.update(colour="red"), "unknown key colour"),
     (lambda r: r["rows"].append({"name": "x"}), "needs either a preset"),
     (lambda r: r["rows"].append({"name": "x", "preset": "nope"}), "unknown preset 'nope'"),
     (lambda r: r["rows"].append({"name": "x", "of": "lad+adsa"}), "not a distilled row"),

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, list_presets, load_preset, load_yaml, save_json
+from ..config import RunConfig, list_presets, load_preset, save_json
 from ..errors import LtddError
 from .cells import TableOptions, Cell, CellTable, config_material, data_key, key_hash, log, material
+from .grid_files import check_keys, read_grid, strings
 from .compute_cost import check_cost_model, distill_estimate, eval_estimate, kinds_read, store_estimate
 from .lad_table import DEFAULT_ROOT
 
@@ -70,14 +71,6 @@ class ComputeOptions(TableOptions):
 
 
 
-def strings(value, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise LtddError(f"{where}: expected a list of key=value overrides")
-    return tuple(value)
-
-
 def checkpoint_iteration(path: Path) -> int:
     """The iteration a distillation checkpoint was saved at (0 when there is none)."""
     if not path.is_file():
@@ -96,9 +89,8 @@ class ComputeGrid:
 
     def __init__(self, opts: ComputeOptions, device=None):
         self.opts = opts
-        path = Path(opts.grid_file or GRID_FILE)
-        raw = load_yaml(path)
-        where = path.name
+        raw, where = read_grid(opts.grid_file or GRID_FILE, {"description", "protocol", "data", "common", "stores",
+                                                             "methods", "cost_model"})
         self.description = str(raw.get("description", ""))
         self.protocol = str(raw.get("protocol") or "cpu")
         self.data_set = strings(raw.get("data"), f"{where}: data")
@@ -113,16 +105,19 @@ class ComputeGrid:
         for name, spec in stores.items():
             if not isinstance(spec, dict) or spec.get("preset") not in known:
                 raise LtddError(f"{where}: store '{name}' needs a known preset (see `ltdd presets`)")
+            check_keys(spec, {"preset", "set"}, f"{where}: store '{name}'")
             self.stores[str(name)] = (spec["preset"], strings(spec.get("set"), f"{where}: store {name}"))
         self.methods: dict[str, tuple[str, ...]] = {}
         self.points: list[Point] = []
         for m, spec in methods.items():
             if not isinstance(spec, dict) or spec.get("preset") not in known:
                 raise LtddError(f"{where}: method '{m}' needs a known preset (see `ltdd presets`)")
+            check_keys(spec, {"preset", "set", "points"}, f"{where}: method '{m}'")
             self.methods[str(m)] = strings(spec.get("set"), f"{where}: method {m}")
             for p in spec.get("points") or []:
                 if not isinstance(p, dict) or not p.get("name"):
                     raise LtddError(f"{where}: every point of method '{m}' needs a name")
+                check_keys(p, {"name", "store", "set"}, f"{where}: point '{p['name']}'")
                 if p.get("store") is not None and p["store"] not in self.stores:
                     raise LtddError(f"{where}: point '{p['name']}' names an unknown store '{p['store']}'")
                 self.points.append(Point(str(p["name"]), str(m), spec["preset"],

@@ -22,12 +22,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig, list_presets, load_preset, load_yaml, protocol_preset
+from ..config import RunConfig, list_presets, load_preset, protocol_preset
 from ..typed import apply_overrides
 from ..errors import LtddError
 from .cells import (Cell, CellTable, TableOptions, config_material, data_key, log, material, plan_lines,
                     store_folder)
-from .compute_table import strings
+from .grid_files import check_keys, read_grid, strings
 from .lad_table import DEFAULT_ROOT, default_full_epochs, full_data_cell, ints, released_preset
 from .lad_table import TABLE as LAD_TABLE
 
@@ -82,14 +82,8 @@ class FairGrid:
 
     def __init__(self, opts: FairOptions, device=None):
         self.opts = opts
-        path = Path(opts.grid_file or GRID_FILE)
-        raw = load_yaml(path)
-        where = path.name
-        known_keys = {"description", "ipc", "ifs", "common", "protocols", "teachers", "rows", "full_data",
-                      "trajectory_store"}
-        unknown = sorted(set(raw) - known_keys)
-        if unknown:
-            raise LtddError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known_keys))})")
+        raw, where = read_grid(opts.grid_file or GRID_FILE, {"description", "ipc", "ifs", "common", "protocols",
+                                                             "teachers", "rows", "full_data", "trajectory_store"})
         self.description = str(raw.get("description", ""))
         self.ipc = int(raw.get("ipc", 10))
         self.ifs = opts.ifs or ints(raw.get("ifs") or [100])
@@ -113,9 +107,7 @@ class FairGrid:
         for r in raw.get("rows") or []:
             if not isinstance(r, dict) or not r.get("name"):
                 raise LtddError(f"{where}: every row needs a name")
-            extra = sorted(set(r) - {"name", "preset", "of", "calibrate", "set"})
-            if extra:
-                raise LtddError(f"{where}: row '{r['name']}': unknown keys {', '.join(extra)}")
+            check_keys(r, {"name", "preset", "of", "calibrate", "set"}, f"{where}: row '{r['name']}'")
             if (r.get("preset") is None) == (r.get("of") is None):
                 raise LtddError(f"{where}: row '{r['name']}' needs either a preset or 'of: ROW'")
             if r.get("preset") is not None and r["preset"] not in known:
