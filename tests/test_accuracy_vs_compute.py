@@ -266,3 +266,24 @@ def test_points_option_errors_are_one_line(tmp_path, argv, word):
 def test_points_option_is_refused_by_the_other_tables(tmp_path):
     r = CliRunner().invoke(reproduce_cmd, ["fair-cifar10lt", "--points", "x", "--plan"])
     assert r.exit_code != 0 and "--points: not an option of the fair-cifar10lt table" in str(r.exception)
+
+
+def test_phases_misfit_by_hand():
+    """A phase starting below W and matching M epochs ahead reads epoch W - 1 + M: W 20, M 2 reads epoch 21."""
+    from ltdd.config import load_preset
+    from ltdd.experiments.grid_files import phases_misfit
+    from ltdd.typed import apply_overrides
+
+    cfg = apply_overrides(load_preset("lad"), ["distill.phases.0.max_start_epoch=20", "distill.phases.0.expert_epochs=2",
+                                               "distill.phases.1.max_start_epoch=1", "distill.phases.1.expert_epochs=2",
+                                               "experts.train.epochs=21", "experts.classifier_train.epochs=2"])
+    assert phases_misfit(cfg.distill, cfg.experts) is None
+    short = apply_overrides(cfg, ["experts.train.epochs=20"])
+    assert phases_misfit(short.distill, short.experts) == (
+        f"phase '{cfg.distill.phases[0].name}' reads up to epoch 21, but the store trains 20 representation epochs")
+    short = apply_overrides(cfg, ["experts.classifier_train.epochs=1"])
+    assert "reads up to epoch 2, but the store trains 1 classifier epochs" in phases_misfit(short.distill, short.experts)
+    none = apply_overrides(cfg, ["experts.classifier_experts=false"])
+    assert "reads classifier experts, but the store has none" in phases_misfit(none.distill, none.experts)
+    dm = load_preset("dm")
+    assert phases_misfit(dm.distill, cfg.experts) is None  # not trajectory matching: nothing to fit

@@ -86,6 +86,8 @@ def test_full_data_cells_share_the_lad_tables_key_and_records(tmp_path):
     (lambda r: r["rows"].append({"name": "dm", "preset": "dm"}), "distinct names"),
     (lambda r: r["protocols"]["cpu"].update(relabel="cpu"), "not a relabel protocol"),
     (lambda r: r.update(common=["distill.eval_every=0"]), "other data settings"),  # LAD's ZCA vs RLDD's none
+    (lambda r: r.update(trajectory_store=["experts.train.epochs=3"]),
+     r"row mtt at IF 100: phase '\w+' reads up to epoch \d+, but the store trains 3 representation epochs"),
 ])
 def test_a_bad_grid_file_is_one_clear_line(tmp_path, change, word):
     raw = yaml.safe_load(GRID_FILE.read_text())

@@ -21,7 +21,7 @@ import torch
 from ..config import RunConfig, list_presets, load_preset, save_json
 from ..errors import LtddError
 from .cells import TableOptions, Cell, CellTable, config_material, data_key, key_hash, log, material
-from .grid_files import check_keys, read_grid, strings
+from .grid_files import check_keys, phases_misfit, read_grid, strings
 from .compute_cost import check_cost_model, distill_estimate, eval_estimate, kinds_read, store_estimate
 from .lad_table import DEFAULT_ROOT
 
@@ -187,16 +187,9 @@ class ComputeGrid:
             if data_key(scfg.data) != data_key(cfg.data):
                 raise LtddError(f"point {p.name}: store '{p.store}' is trained on other data (its preset's data "
                                 f"settings differ from the point's)")
-            e = scfg.experts
-            for ph in cfg.distill.phases if cfg.distill.method == "tm" else ():
-                epochs = e.train.epochs if ph.store == "representation" else e.classifier_train.epochs
-                if ph.store == "classifier" and not e.classifier_experts:
-                    raise LtddError(f"point {p.name}: phase '{ph.name}' reads classifier experts, but store "
-                                    f"'{p.store}' has none (experts.classifier_experts)")
-                if ph.max_start_epoch - 1 + ph.expert_epochs > epochs:
-                    raise LtddError(f"point {p.name}: phase '{ph.name}' reads up to epoch "
-                                    f"{ph.max_start_epoch - 1 + ph.expert_epochs}, but store '{p.store}' trains "
-                                    f"{epochs} {ph.store} epochs")
+            misfit = phases_misfit(cfg.distill, scfg.experts)
+            if misfit:
+                raise LtddError(f"point {p.name} (store '{p.store}'): {misfit}")
         for s in self.used_stores():
             e = self.store_config(s).experts
             if e.kind != "trajectory":

@@ -27,7 +27,7 @@ from ..typed import apply_overrides
 from ..errors import LtddError
 from .cells import (Cell, CellTable, TableOptions, config_material, data_key, log, material, plan_lines,
                     store_folder)
-from .grid_files import check_keys, read_grid, strings
+from .grid_files import check_keys, phases_misfit, read_grid, strings
 from .lad_table import DEFAULT_ROOT, default_full_epochs, full_data_cell, ints, released_preset
 from .lad_table import TABLE as LAD_TABLE
 
@@ -233,12 +233,9 @@ class FairGrid:
                 cfg, scfg = self.config(r, IF), self.store_config(r, IF)
                 if scfg is None or cfg.distill.method != "tm":
                     continue
-                e = scfg.experts
-                for ph in cfg.distill.phases:
-                    epochs = e.train.epochs if ph.store == "representation" else e.classifier_train.epochs
-                    if ph.max_start_epoch - 1 + ph.expert_epochs > epochs:
-                        raise LtddError(f"row {r.name} at IF {IF}: phase '{ph.name}' reads up to epoch "
-                                        f"{ph.max_start_epoch - 1 + ph.expert_epochs}, the store trains {epochs}")
+                misfit = phases_misfit(cfg.distill, scfg.experts)
+                if misfit:
+                    raise LtddError(f"row {r.name} at IF {IF}: {misfit}")
             for name in self.teachers:
                 if not self.teacher_is_row(name):
                     continue

@@ -1,5 +1,5 @@
 """Reading a table's grid file (YAML): the mapping, the name its errors cite, unknown keys and bad override lists
-refused in one line."""
+refused in one line, and whether a trajectory row's phases fit the expert store it reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import load_yaml
 from ..errors import LtddError
 
-__all__ = ["read_grid", "check_keys", "strings"]
+__all__ = ["read_grid", "check_keys", "strings", "phases_misfit"]
 
 
 def read_grid(path: str | Path, known: set[str]) -> tuple[dict, str]:
@@ -37,3 +37,18 @@ def strings(value, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
         raise LtddError(f"{where}: expected a list of key=value overrides")
     return tuple(value)
+
+
+def phases_misfit(distill, experts) -> str | None:
+    """Why a trajectory-matching configuration (``distill``: its phases) cannot read a store trained with ``experts``
+    (a phase reads classifier experts the store lacks, or epochs beyond those it trains), or None when it fits.
+    A phase starting below ``max_start_epoch`` and matching ``expert_epochs`` ahead reads up to epoch
+    ``max_start_epoch - 1 + expert_epochs``."""
+    for ph in distill.phases if distill.method == "tm" else ():
+        if ph.store == "classifier" and not experts.classifier_experts:
+            return f"phase '{ph.name}' reads classifier experts, but the store has none (experts.classifier_experts)"
+        epochs = experts.train.epochs if ph.store == "representation" else experts.classifier_train.epochs
+        reach = ph.max_start_epoch - 1 + ph.expert_epochs
+        if reach > epochs:
+            return f"phase '{ph.name}' reads up to epoch {reach}, but the store trains {epochs} {ph.store} epochs"
+    return None
