@@ -8,6 +8,8 @@ class-aware sampler of the decoupling (cRT) code. Optional SAM / GSAM update.
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -170,12 +172,18 @@ def _sam_step(params, closure, rho: float, alpha: float) -> None:
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
                 num_classes: int | None = None, class_counts=None, lr: float | None = None,
                 seed: int = 0, progress: bool = False, desc: str = "train",
-                on_epoch_end: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+                on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+                checkpoint: str | Path | None = None, checkpoint_every_s: float = 300.0) -> nn.Module:
     """Train ``model`` in place on (x, y) and return it.
 
     ``y`` is int64 hard labels or float soft-label logits (N, C). ``class_counts`` are the long-tailed training
     counts that the prior-aware losses (balanced softmax, logit adjustment, DAM) need; by default they are counted
     from hard labels. ``on_epoch_end(epoch, model)`` is called after every epoch (experts record trajectories).
+
+    ``checkpoint``: a file that makes the run resumable. At an epoch's end, at most every ``checkpoint_every_s``
+    seconds (0: every epoch), the whole state is written there atomically; a run started with the file present
+    continues from it exactly as if never stopped (:mod:`ltdd.train_checkpoint`), and the file is removed once the
+    training ends. A checkpoint of another training is refused.
     """
     if len(x) == 0:
         raise LtddError("cannot train on an empty set")
@@ -199,6 +207,16 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     gen = torch.Generator()
     gen.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    identity = None
+    first_epoch = 0
+    if checkpoint is not None:
+        from .train_checkpoint import load_training_checkpoint, training_identity
+
+        identity = training_identity(cfg, seed=seed, x=x, y=y, num_classes=num_classes, lr=base_lr,
+                                     class_counts=class_counts)
+        first_epoch = load_training_checkpoint(checkpoint, identity=identity, model=model, opt=opt, params=params,
+                                               generator=gen, rng=rng)
+    last_save = time.monotonic()
     model.train()
     if cfg.trainable == "classifier":
         # frozen backbone: keep its normalisation statistics fixed too
@@ -210,7 +228,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         return classification_loss(logits, yb, cfg.loss, priors=priors, tau=cfg.la_tau,
                                    temperature=cfg.temperature, class_weights=weights)
 
-    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
+    for epoch in tqdm(range(first_epoch, cfg.epochs), desc=desc, disable=not progress, leave=False,
+                      initial=first_epoch, total=cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch, base_lr)
         order = torch.from_numpy(epoch_order(cfg, hard_labels, num_classes, rng)).to(device)
@@ -231,6 +250,14 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             raise LtddError(f"training diverged (loss {loss.item()}) at epoch {epoch}; lower the learning rate")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
+        if checkpoint is not None and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoint_every_s:
+            from .train_checkpoint import save_training_checkpoint
+
+            save_training_checkpoint(checkpoint, identity=identity, next_epoch=epoch + 1, model=model, opt=opt,
+                                     params=params, generator=gen, rng=rng)
+            last_save = time.monotonic()
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -4,7 +4,9 @@ A network file is ``<root>/<name>-<hash>.pt`` (a torch file of tensors only, rea
 a small ``.json`` beside it (seconds, epochs, images); the hash covers the name, the identity of its training data
 (the real split, or the key of the distilled set it was trained on), the epochs, outputs, seed, model and training
 configuration and the data fingerprint, so a changed scale never reuses a network. Rows that share a network (the
-real-data group classifier of Original + GM / + MTT / + Original with the same seed) train it once.
+real-data group classifier of Original + GM / + MTT / + Original with the same seed) train it once. A network in
+training keeps its resumable state in ``<name>-<hash>.ckpt.safetensors`` (every few minutes), so a killed run
+continues it instead of starting the network over.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..train_checkpoint import checkpoint_epoch
 from ..config import ModelConfig, TrainConfig, atomic_write_bytes, save_json
 from .cells import key_hash, log, material
 
 __all__ = ["NetStore"]
+
+CHECKPOINT_EVERY_S = 300.0  # a network in training writes its resumable state at most this often
 
 
 class NetStore:
@@ -67,18 +72,24 @@ class NetStore:
         epochs = self.epochs[src]
         t0 = time.time()
         model = self._new(n_out, seed)
+        self.root.mkdir(parents=True, exist_ok=True)
+        ckpt = self.root / f"{stem}.ckpt.safetensors"
+        start = checkpoint_epoch(ckpt) if ckpt.is_file() else 0
         train_model(model, x, y, dataclasses.replace(self.train_cfg, epochs=epochs), num_classes=n_out,
-                    class_counts=class_counts, seed=seed, desc=stem)
-        t_train = time.time() - t0
+                    class_counts=class_counts, seed=seed, desc=stem, checkpoint=ckpt,
+                    checkpoint_every_s=CHECKPOINT_EVERY_S)
+        # a resumed network's seconds: those of this run, extrapolated to all its epochs
+        t_train = (time.time() - t0) * epochs / (epochs - start)
+        t1 = time.time()
         logits = predict(model, self.data.test_x)
         rec = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "test_logits": logits,
-               "epochs": int(epochs), "n_train": int(len(x)), "seconds": float(time.time() - t0),
-               "train_seconds": float(t_train), "n_out": int(n_out), "seed": int(seed)}
+               "epochs": int(epochs), "n_train": int(len(x)), "seconds": float(t_train + time.time() - t1),
+               "train_seconds": float(t_train), "n_out": int(n_out), "seed": int(seed), "resumed_from": int(start)}
         buf = io.BytesIO()
         torch.save(rec, buf)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
-        save_json(path.with_suffix(".json"), {k: rec[k] for k in ("seconds", "epochs", "n_train")})
+        save_json(path.with_suffix(".json"), {k: rec[k] for k in ("seconds", "epochs", "n_train", "resumed_from")})
         acc = float((logits.argmax(1) == self.data.test_y).float().mean()) if n_out == self.data.num_classes else None
         log(f"  net {stem}: {len(x)} images x {epochs} epochs, {rec['seconds']:.0f} s"
             + (f", test acc {acc:.3f}" if acc is not None else ""))

@@ -1,0 +1,153 @@
+"""Resumable training: a run stopped after a checkpoint and resumed ends bit-identical to the run never stopped
+(weights, BN buffers, momentum, sampler and augmentation states all restored); the file goes once the run ends; a
+checkpoint of another training or a foreign file is one clear error; the two-stage table's networks resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltdd.config import ModelConfig, TrainConfig
+from ltdd.errors import LtddError
+from ltdd.models import create_model
+from ltdd.train import train_model
+
+CFG = TrainConfig(epochs=4, lr=0.05, batch_size=8, schedule="cosine", dsa=True, sampler="class_balanced",
+                  weight_decay=5e-4, momentum=0.9)
+
+
+class Stop(Exception):
+    pass
+
+
+def _data(n: int = 40, classes: int = 4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    y = torch.arange(n) % classes
+    y[: n // 2] = 0  # imbalanced: the class-balanced sampler draws from the numpy generator
+    return x, y
+
+
+def _net(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("convnet", 4, 3, 16, width=8, depth=2)
+
+
+def _same(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _stopped_then_resumed(tmp_path, stop_after: int, cfg=CFG):
+    x, y = _data()
+    ck = tmp_path / "run.ckpt.safetensors"
+
+    def stop(epoch, model):
+        if epoch == stop_after - 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_model(_net(), x, y, cfg, seed=3, checkpoint=ck, checkpoint_every_s=0, on_epoch_end=stop)
+    assert ck.is_file()  # the state after stop_after - 1 epochs (saved after each finished epoch's callback)
+    resumed = train_model(_net(seed=99), x, y, cfg, seed=3, checkpoint=ck, checkpoint_every_s=0)
+    return resumed, ck
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])
+def test_a_resumed_run_ends_identical_to_the_uninterrupted_one(tmp_path, stop_after, one_thread):
+    x, y = _data()
+    straight = train_model(_net(), x, y, CFG, seed=3)
+    resumed, ck = _stopped_then_resumed(tmp_path, stop_after)
+    assert _same(straight, resumed)  # a fresh, differently initialised net took everything from the checkpoint
+    assert not ck.exists()  # removed once the training ended
+
+
+def test_a_checkpoint_of_another_training_is_refused(tmp_path, one_thread):
+    x, y = _data()
+    ck = tmp_path / "run.ckpt.safetensors"
+
+    def stop(epoch, model):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_model(_net(), x, y, CFG, seed=3, checkpoint=ck, checkpoint_every_s=0, on_epoch_end=stop)
+    # the callback raised before the first save: nothing written yet
+    assert not ck.exists()
+    with pytest.raises(Stop):
+        train_model(_net(), x, y, CFG, seed=3, checkpoint=ck, checkpoint_every_s=0,
+                    on_epoch_end=lambda e, m: (_ for _ in ()).throw(Stop) if e == 1 else None)
+    assert ck.is_file()
+    for change in (dict(seed=4), dict(cfg=TrainConfig(**{**CFG.__dict__, "epochs": 5})), dict(y=y.roll(1))):
+        kw = dict(seed=3, cfg=CFG, y=y) | change
+        with pytest.raises(LtddError, match="a checkpoint of another training") as e:
+            train_model(_net(), x, kw["y"], kw["cfg"], seed=kw["seed"], checkpoint=ck)
+        assert "\n" not in str(e.value)
+    assert ck.is_file()  # a refused checkpoint is left as it was
+
+
+def test_a_foreign_file_is_one_clear_line(tmp_path):
+    x, y = _data()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(LtddError, match="not a readable training checkpoint"):
+        train_model(_net(), x, y, CFG, checkpoint=bad)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(LtddError, match="not an ltdd training checkpoint"):
+        train_model(_net(), x, y, CFG, checkpoint=other)
+
+
+def test_the_interval_limits_how_often_it_is_written(tmp_path, monkeypatch, one_thread):
+    import ltdd.train_checkpoint as tc
+
+    calls = []
+    real = tc.save_training_checkpoint
+    monkeypatch.setattr(tc, "save_training_checkpoint", lambda *a, **k: (calls.append(k["next_epoch"]), real(*a, **k)))
+    x, y = _data()
+    train_model(_net(), x, y, CFG, checkpoint=tmp_path / "a.ckpt", checkpoint_every_s=0)
+    assert calls == [1, 2, 3]  # after every epoch but the last
+    calls.clear()
+    train_model(_net(), x, y, CFG, checkpoint=tmp_path / "b.ckpt", checkpoint_every_s=3600)
+    assert calls == []
+
+
+def test_the_two_stage_networks_resume_where_they_stopped(tmp_path, monkeypatch, one_thread):
+    """A network of the two-stage table killed mid-training (after a checkpoint) continues from it, and ends as the
+    network trained in one go."""
+    import types
+
+    import ltdd.train_checkpoint as tc
+    from ltdd.experiments.netstore import NetStore
+
+    x, y = _data()
+    data = types.SimpleNamespace(channels=3, im_size=16, num_classes=4, test_x=x[:8], test_y=y[:8])
+
+    def store(root):
+        s = NetStore(root, ModelConfig("convnet", {"width": 8, "depth": 2}), CFG, {"d": 1}, {"real": "r"},
+                     {"real": 4})
+        s.data = data
+        return s
+
+    straight = store(tmp_path / "a").get("flat", "real", x, y, 4, seed=0)
+    real = tc.save_training_checkpoint
+    saved = []
+
+    def save_then_die(*a, **k):
+        real(*a, **k)
+        saved.append(k["next_epoch"])
+        if k["next_epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after the checkpoint of epoch 2
+
+    monkeypatch.setattr(tc, "save_training_checkpoint", save_then_die)
+    s = store(tmp_path / "b")
+    monkeypatch.setattr("ltdd.experiments.netstore.CHECKPOINT_EVERY_S", 0)
+    with pytest.raises(KeyboardInterrupt):
+        s.get("flat", "real", x, y, 4, seed=0)
+    assert list((tmp_path / "b").glob("*.ckpt.safetensors"))
+    monkeypatch.setattr(tc, "save_training_checkpoint", real)
+    resumed = s.get("flat", "real", x, y, 4, seed=0)
+    assert torch.equal(straight["test_logits"], resumed["test_logits"])
+    assert straight["resumed_from"] == 0 and resumed["resumed_from"] == 2  # its seconds: extrapolated to 4 epochs
+    assert not list((tmp_path / "b").glob("*.ckpt.safetensors"))
