@@ -11,9 +11,9 @@ from ltdd.errors import LtddError
 # Known answers written from the papers' protocols: (epochs, batch, lr, momentum, weight decay, schedule, DSA,
 # learned lr, runs, ConvNet width)
 KNOWN = {
-    "lad": (1000, 256, 0.01, 0.9, 5e-4, "step_half", True, True, 5, 128),
+    "lad": (1000, 128, 0.01, 0.9, 5e-4, "step_half", True, True, 5, 128),  # LAD's evaluation: batch_train 128
     "dc": (300, 256, 0.01, 0.9, 5e-4, "constant", False, False, 5, 128),
-    "cpu": (300, 256, 0.01, 0.9, 5e-4, "step_half", True, True, 3, 32),
+    "cpu": (300, 256, 0.01, 0.9, 5e-4, "step_half", True, True, 3, 32),  # = 128 at IPC 10: one batch per epoch
     "relabel": (1000, 25, 1e-3, 0.9, 0.01, "constant", True, False, 5, 128),
     "relabel_cpu": (300, 25, 1e-3, 0.9, 0.01, "constant", True, False, 3, 32),
 }
