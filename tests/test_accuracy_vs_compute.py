@@ -163,6 +163,10 @@ def test_report_charges_the_store_and_renders_with_missing_cells(tmp_path):
     assert "(to do)" in md and "not enough points yet (LAD 1/5, DM 2/4" in md and "charged in full" in md
     assert "| lad | lad-xs |" in md and "| 500 |" in md
     assert stem.with_suffix(".png").stat().st_size > 0
+    # coverage: DM's two points (70, 650 s: 9.3x) and LAD's one (lad-m has no compute: its store is not recorded)
+    assert "- dm: 2 of 4 points, 70-650 single-core s (9.3x), largest 0.18 h; aim (at least 3 points over at least " \
+           "10x): not met (lacks 3 points, a 10x span)" in md
+    assert "- lad: 1 of 5 points, 500-500 single-core s (1.0x)" in md and "the largest at least 1.5 h): not met" in md
     payload = json.loads(stem.with_suffix(".json").read_text())
     row = next(r for r in payload["points"] if r["name"] == "lad-xs")
     assert row["compute"] == 500.0 and payload["reading"]["lad_vs_dm"]["status"] == "few"
@@ -287,3 +291,19 @@ def test_phases_misfit_by_hand():
     assert "reads classifier experts, but the store has none" in phases_misfit(none.distill, none.experts)
     dm = load_preset("dm")
     assert phases_misfit(dm.distill, cfg.experts) is None  # not trajectory matching: nothing to fit
+
+
+def test_coverage_by_hand():
+    from ltdd.experiments.compute_reading import coverage, coverage_line
+
+    pts = _pts((100, 0.3), (500, 0.32), (6000, 0.35))  # 60x, largest 1.67 h
+    c = coverage("lad", pts, 4, trajectory=True)
+    assert (c["done"], c["lo"], c["hi"], c["span"], c["met"]) == (3, 100, 6000, 60.0, True)
+    assert coverage_line(c) == ("lad: 3 of 4 points, 100-6000 single-core s (60.0x), largest 1.67 h; aim (at least 3 "
+                                "points over at least 10x, the largest at least 1.5 h): met")
+    short = coverage("lad", pts[:2] + _pts((900, 0.33)), 4, trajectory=True)  # 9x, largest 900 s
+    assert short["missing"] == ["a 10x span", "a point of 1.5 h"]
+    assert coverage("dm", pts[:2] + _pts((900, 0.33)), 3, trajectory=False)["missing"] == ["a 10x span"]
+    assert coverage("dm", pts[:1] + _pts((5000, 0.4)), 3, trajectory=False)["missing"] == ["3 points"]
+    assert coverage("dc", [], 3, trajectory=False)["missing"] == ["3 points", "a 10x span"]
+    assert "dc: 0 of 3 points; aim" in coverage_line(coverage("dc", [], 3, trajectory=False))

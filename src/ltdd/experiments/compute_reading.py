@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["curve", "best_per_decade", "crossing", "crossing_text", "decade_lines"]
+__all__ = ["curve", "best_per_decade", "crossing", "crossing_text", "decade_lines", "coverage", "coverage_line"]
+
+MIN_POINTS, MIN_SPAN, LARGEST_S = 3, 10.0, 5400.0  # the table's aim per method (trajectory methods: the largest too)
 
 
 def curve(points: list[dict]) -> list[dict]:
@@ -132,3 +134,32 @@ def decade_lines(rows: list[dict], random: dict | None = None) -> list[str]:
                      + (" (within random's std)" if abs(margin) <= random["std"] else ""))
         out.append(line)
     return out
+
+
+def coverage(method: str, points: list[dict], planned: int, *, trajectory: bool) -> dict:
+    """How far a method's finished points cover the budget axis: their number (of ``planned``), the measured compute
+    range and its span (largest / smallest), and whether the table's aim holds - at least 3 points spanning at least
+    10x in compute, and for a trajectory method (experts included) a largest point of at least 1.5 single-core
+    hours."""
+    c = curve(points)
+    lo, hi = (c[0]["compute"], c[-1]["compute"]) if c else (None, None)
+    span = hi / lo if c else None
+    missing = []
+    if len(c) < MIN_POINTS:
+        missing.append(f"{MIN_POINTS} points")
+    if span is None or span < MIN_SPAN:
+        missing.append(f"a {MIN_SPAN:.0f}x span")
+    if trajectory and (hi is None or hi < LARGEST_S):
+        missing.append(f"a point of {LARGEST_S / 3600:.1f} h")
+    return {"method": method, "done": len(c), "planned": int(planned), "lo": lo, "hi": hi, "span": span,
+            "trajectory": bool(trajectory), "met": not missing, "missing": missing}
+
+
+def coverage_line(cov: dict) -> str:
+    """One markdown bullet of :func:`coverage`."""
+    head = f"{cov['method']}: {cov['done']} of {cov['planned']} points"
+    if cov["done"]:
+        head += (f", {_sec(cov['lo'])}-{_sec(cov['hi'])} single-core s ({cov['span']:.1f}x), largest "
+                 f"{cov['hi'] / 3600:.2f} h")
+    aim = "at least 3 points over at least 10x" + (", the largest at least 1.5 h" if cov["trajectory"] else "")
+    return head + f"; aim ({aim}): " + ("met" if cov["met"] else "not met (lacks " + ", ".join(cov["missing"]) + ")")

@@ -17,7 +17,7 @@ import torch
 
 from ..config import atomic_write_text, save_json
 from .compute_cost import kinds_read
-from .compute_reading import best_per_decade, crossing, crossing_text, curve, decade_lines
+from .compute_reading import best_per_decade, coverage, coverage_line, crossing, crossing_text, curve, decade_lines
 from .compute_table import TABLE, ComputeGrid
 from .machine import cpu_model
 
@@ -86,6 +86,11 @@ def reading(grid: ComputeGrid, rows: list[dict]) -> dict:
                         "within": d["within"]["name"]} for d in decades],
            "decade_lines": decade_lines(decades, random)}
     methods = {r["method"] for r in rows}
+    out["coverage"] = []
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "random"):
+        mine = [r for r in rows if r["method"] == m]
+        trajectory = any(r["store"] and grid.store_config(r["store"]).experts.kind == "trajectory" for r in mine)
+        out["coverage"].append(coverage(m, curves.get(m, []), len(mine), trajectory=trajectory))
     if {"lad", "dm"} <= methods:
         planned = tuple(sum(r["method"] == m for r in rows) for m in ("lad", "dm"))
         done = tuple(len(curve(curves.get(m, []))) for m in ("lad", "dm"))
@@ -146,6 +151,10 @@ def _markdown(grid: ComputeGrid, rows: list[dict], stores: dict, read: dict, sta
     lines += [f"- {ln}" for ln in read["decade_lines"]] or ["- not enough points yet (no finished point)"]
     if "lad_vs_dm_text" in read:
         lines.append(f"- LAD vs DM: {read['lad_vs_dm_text']}.")
+    if read.get("coverage"):
+        lines += ["", "Coverage of the budget axis (finished points, measured compute with the experts charged in "
+                      "full):", ""]
+        lines += [f"- {coverage_line(c)}" for c in read["coverage"]]
     lines += ["", "## Plan-time estimate", "",
               f"Stores {tot['stores'] / 3600:.2f} h + distillations {tot['distill'] / 3600:.2f} h + evaluations "
               f"{tot['eval'] / 3600:.2f} h = **{tot['total'] / 3600:.2f} single-core hours** to fill the table "
