@@ -151,3 +151,82 @@ def test_the_two_stage_networks_resume_where_they_stopped(tmp_path, monkeypatch,
     assert torch.equal(straight["test_logits"], resumed["test_logits"])
     assert straight["resumed_from"] == 0 and resumed["resumed_from"] == 2  # its seconds: extrapolated to 4 epochs
     assert not list((tmp_path / "b").glob("*.ckpt.safetensors"))
+
+
+# ---- full-data rows: cRT's two stages and several runs ---------------------------------------------------------------
+
+def _digits():
+    from ltdd.config import DataConfig
+    from ltdd.data import prepare_data
+
+    return prepare_data(DataConfig(dataset="digits", imbalance_factor=10, max_per_class=30, seed=3))
+
+
+FULL = TrainConfig(epochs=3, lr=0.05, batch_size=32, schedule="cosine", dsa=True)
+SMALL = ModelConfig("convnet", {"width": 8, "depth": 2})
+
+
+@pytest.mark.parametrize("die_in", ["stage1", "stage2"])
+def test_crt_killed_in_either_stage_resumes_to_the_same_network(tmp_path, monkeypatch, one_thread, die_in):
+    import ltdd.train_checkpoint as tc
+    from ltdd.lt_methods import train_full
+
+    data = _digits()
+    straight, m0 = train_full(data, "crt", SMALL, FULL, crt_epochs=3, seed=5)
+    real = tc.save_training_checkpoint
+
+    def save_then_die(path, **k):
+        real(path, **k)
+        if die_in in str(path) and 0 < k["next_epoch"] < 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "save_training_checkpoint", save_then_die)
+    clock = iter(range(0, 10**9, 1000))  # 1000 s per reading: a checkpoint after every epoch
+    monkeypatch.setattr("ltdd.train.time.monotonic", lambda: next(clock))
+    with pytest.raises(KeyboardInterrupt):
+        train_full(data, "crt", SMALL, FULL, crt_epochs=3, seed=5, checkpoint_dir=tmp_path)
+    left = sorted(p.name for p in tmp_path.glob("*.ckpt.safetensors"))
+    assert left == (["crt-seed5-stage1.ckpt.safetensors"] if die_in == "stage1" else
+                    ["crt-seed5-stage1.ckpt.safetensors", "crt-seed5-stage2.ckpt.safetensors"])
+    monkeypatch.setattr(tc, "save_training_checkpoint", real)
+    import ltdd.train as tr
+
+    epochs = []
+    order = tr.epoch_order
+    monkeypatch.setattr(tr, "epoch_order", lambda *a: (epochs.append(1), order(*a))[1])
+    resumed, m1 = train_full(data, "crt", SMALL, FULL, crt_epochs=3, seed=5, checkpoint_dir=tmp_path)
+    # killed after epoch 1 of its stage: stage 1 then runs 2 more epochs + stage 2's 3, or stage 2 its last 2 only
+    assert len(epochs) == (5 if die_in == "stage1" else 2)
+    assert _same(straight, resumed) and m0.accuracy == m1.accuracy
+    assert not list(tmp_path.glob("*.ckpt.safetensors"))  # both stages' files removed at the end
+
+
+def test_run_full_keeps_finished_runs_and_resumes_the_one_in_progress(tmp_path, monkeypatch, one_thread):
+    import ltdd.lt_methods as lm
+
+    data = _digits()
+    straight = lm.run_full(data, "erm", SMALL, FULL, runs=3, seed=1)
+    real = lm.train_full
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3 and k.get("checkpoint_dir") is not None and not getattr(counted, "resumed", False):
+            raise KeyboardInterrupt  # killed at the start of the third run
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm, "train_full", counted)
+    with pytest.raises(KeyboardInterrupt):
+        lm.run_full(data, "erm", SMALL, FULL, runs=3, seed=1, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["erm-run0.json", "erm-run1.json"]
+    counted.resumed = True
+    calls.clear()
+    again = lm.run_full(data, "erm", SMALL, FULL, runs=3, seed=1, checkpoint_dir=tmp_path)
+    assert calls == [1002]  # runs 0 and 1 were reused, only run 2 trained
+    assert again["summary"]["accuracy"] == straight["summary"]["accuracy"]
+    assert [r["per_class"] for r in again["runs"]] == [r["per_class"] for r in straight["runs"]]
+    # a kept run of another configuration is not reused
+    calls.clear()
+    lm.run_full(data, "erm", SMALL, TrainConfig(**{**FULL.__dict__, "lr": 0.02}), runs=3, seed=1,
+                checkpoint_dir=tmp_path)
+    assert calls == [1000, 1001, 1002]

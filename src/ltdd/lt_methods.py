@@ -7,16 +7,22 @@ Methods (all through the one training loop):
 - ``logit_adjust``: CE on logits + tau log prior (Menon et al. 2021, loss form).
 - ``crt``: classifier re-training (Kang et al. 2020): train ERM, then re-initialise the linear classifier and
   re-train it on the frozen backbone with class-balanced sampling.
+
+With ``checkpoint_dir``, a training is resumable: each stage keeps its state there (:mod:`ltdd.train_checkpoint`),
+cRT's first stage stays until its second ends, and :func:`run_full` keeps each finished run's metrics, so a killed
+multi-run row continues with the run it was in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, save_json
 from .errors import LtddError
 from .evaluate import Metrics, summarise, test_metrics
 from .train import train_model
@@ -37,39 +43,70 @@ def _stage_one_config(method: str, cfg: TrainConfig) -> TrainConfig:
 
 
 def train_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, crt_epochs: int = 10,
-               device=None, seed: int = 0, progress: bool = False):
-    """Train one network on the whole long-tailed training set with ``method``; returns (model, Metrics)."""
+               device=None, seed: int = 0, progress: bool = False, checkpoint_dir: str | Path | None = None):
+    """Train one network on the whole long-tailed training set with ``method``; returns (model, Metrics).
+    ``checkpoint_dir``: where the stages keep their resumable state (removed once the network is trained)."""
     from .models import create_model
+
+    def ckpt(stage: str) -> Path | None:
+        return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{method}-seed{seed}-{stage}.ckpt.safetensors"
 
     stage1 = _stage_one_config(method, cfg)
     torch.manual_seed(seed)
     model = create_model(model_cfg.name, data.num_classes, data.channels, data.im_size, **model_cfg.args)
     model = model.to(device) if device is not None else model
     train_model(model, data.train_x, data.train_y, stage1, num_classes=data.num_classes,
-                class_counts=data.train_counts, seed=seed, progress=progress, desc=f"{method}")
+                class_counts=data.train_counts, seed=seed, progress=progress, desc=f"{method}",
+                checkpoint=ckpt("stage1"), keep_checkpoint=method == "crt")
     if method == "crt":
-        crt_stage(model, data, cfg, crt_epochs=crt_epochs, seed=seed, progress=progress)
+        crt_stage(model, data, cfg, crt_epochs=crt_epochs, seed=seed, progress=progress, checkpoint=ckpt("stage2"))
+        if checkpoint_dir is not None:
+            ckpt("stage1").unlink(missing_ok=True)
     return model, test_metrics(model, data)
 
 
-def crt_stage(model, data, cfg: TrainConfig, *, crt_epochs: int = 10, seed: int = 0, progress: bool = False):
+def crt_stage(model, data, cfg: TrainConfig, *, crt_epochs: int = 10, seed: int = 0, progress: bool = False,
+              checkpoint: str | Path | None = None):
     """cRT's second stage, in place: re-initialise the linear classifier and re-train it on the frozen backbone
     with class-balanced sampling. ``seed`` is the run's seed (stage two uses ``seed + 1``)."""
     model.classifier.reset_parameters()
     stage2 = dataclasses.replace(cfg, epochs=crt_epochs, sampler="class_balanced", loss="ce",
                                  trainable="classifier", weight_decay=0.0, schedule="cosine")
     train_model(model, data.train_x, data.train_y, stage2, num_classes=data.num_classes,
-                class_counts=data.train_counts, seed=seed + 1, progress=progress, desc="crt classifier")
+                class_counts=data.train_counts, seed=seed + 1, progress=progress, desc="crt classifier",
+                checkpoint=checkpoint)
     return model
 
 
 def run_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, runs: int = 1, device=None,
-             seed: int = 0, crt_epochs: int = 10, progress: bool = False) -> dict:
-    t0 = time.time()
+             seed: int = 0, crt_epochs: int = 10, progress: bool = False,
+             checkpoint_dir: str | Path | None = None) -> dict:
+    """``runs`` networks (seeds ``seed * 1000 + r``) trained with ``method``, summarised. With ``checkpoint_dir``,
+    each finished run's metrics and seconds are kept there (``<method>-run<r>.json``, with what determines them) and
+    reused, and the run in progress resumes from its checkpoint."""
+    from .train_checkpoint import training_identity
+
     results: list[Metrics] = []
+    seconds = 0.0
     for r in range(runs):
-        _, m = train_full(data, method, model_cfg, cfg, crt_epochs=crt_epochs, device=device,
-                          seed=seed * 1000 + r, progress=progress)
+        s = seed * 1000 + r
+        done = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{method}-run{r}.json"
+        ident = None
+        if done is not None:
+            ident = training_identity(cfg, seed=s, x=data.train_x, y=data.train_y, num_classes=data.num_classes,
+                                      lr=cfg.lr, class_counts=data.train_counts) + f"/{method}/{model_cfg}/{crt_epochs}"
+            if done.is_file():
+                rec = json.loads(done.read_text())
+                if rec.get("identity") == ident:
+                    results.append(Metrics(**rec["metrics"]))
+                    seconds += float(rec["seconds"])
+                    continue
+        t0 = time.time()
+        _, m = train_full(data, method, model_cfg, cfg, crt_epochs=crt_epochs, device=device, seed=s,
+                          progress=progress, checkpoint_dir=checkpoint_dir)
         results.append(m)
+        seconds += time.time() - t0
+        if done is not None:
+            save_json(done, {"identity": ident, "metrics": m.to_dict(), "seconds": time.time() - t0})
     return {"method": method, "summary": summarise(results), "runs": [m.to_dict() for m in results],
-            "seconds": time.time() - t0}
+            "seconds": seconds}

@@ -173,7 +173,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
                 num_classes: int | None = None, class_counts=None, lr: float | None = None,
                 seed: int = 0, progress: bool = False, desc: str = "train",
                 on_epoch_end: Callable[[int, nn.Module], None] | None = None,
-                checkpoint: str | Path | None = None, checkpoint_every_s: float = 300.0) -> nn.Module:
+                checkpoint: str | Path | None = None, checkpoint_every_s: float = 300.0,
+                keep_checkpoint: bool = False) -> nn.Module:
     """Train ``model`` in place on (x, y) and return it.
 
     ``y`` is int64 hard labels or float soft-label logits (N, C). ``class_counts`` are the long-tailed training
@@ -183,7 +184,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     ``checkpoint``: a file that makes the run resumable. At an epoch's end, at most every ``checkpoint_every_s``
     seconds (0: every epoch), the whole state is written there atomically; a run started with the file present
     continues from it exactly as if never stopped (:mod:`ltdd.train_checkpoint`), and the file is removed once the
-    training ends. A checkpoint of another training is refused.
+    training ends (``keep_checkpoint``: it then holds the finished state, so that a later call returns at once, as a
+    multi-stage training needs). A checkpoint of another training is refused.
     """
     if len(x) == 0:
         raise LtddError("cannot train on an empty set")
@@ -256,7 +258,13 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             save_training_checkpoint(checkpoint, identity=identity, next_epoch=epoch + 1, model=model, opt=opt,
                                      params=params, generator=gen, rng=rng)
             last_save = time.monotonic()
-    if checkpoint is not None:
+    if checkpoint is not None and keep_checkpoint:
+        if first_epoch < cfg.epochs:
+            from .train_checkpoint import save_training_checkpoint
+
+            save_training_checkpoint(checkpoint, identity=identity, next_epoch=cfg.epochs, model=model, opt=opt,
+                                     params=params, generator=gen, rng=rng)
+    elif checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     for p in model.parameters():
         p.requires_grad_(True)

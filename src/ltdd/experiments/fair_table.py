@@ -434,7 +434,7 @@ class FairGrid:
             cell = self.full_cell(m, IF)
             out.append((cell, (), lambda cell=cell, m=m: self.borrow_full(cell) or t.cell(cell, lambda: full_data(
                 data(), m, self.protocols["sgd"].model, _full_train(self.opts.profile), runs=cell.key["runs"],
-                device=t.device, crt_epochs=cell.key["crt_epochs"]), deal=False)))
+                device=t.device, crt_epochs=cell.key["crt_epochs"], checkpoint_dir=t.artifact(cell)), deal=False)))
         for r in self.distilled_rows():
             cell, store = self.distill_cell(r, IF), self.store_cell(r, IF)
             out.append((cell, (store,) if store else (), lambda cell=cell, r=r: t.cell(cell, lambda: timed_distill(
@@ -478,7 +478,8 @@ class FairGrid:
 
         t0 = time.time()
         model, m = train_full(data, name, self.protocols["sgd"].model, _full_train(self.opts.profile),
-                              crt_epochs=cell.key["crt_epochs"], device=self.table.device, seed=cell.key["seed"])
+                              crt_epochs=cell.key["crt_epochs"], device=self.table.device, seed=cell.key["seed"],
+                              checkpoint_dir=self.table.artifact(cell))
         path = save_teacher(self.table.artifact(cell) / "teacher.safetensors", model.cpu(), self.protocols["sgd"].model,
                             data, description=f"{name} on the full long-tailed set, "
                                               f"{cell.key['train'].get('epochs')} epochs, seed {cell.key['seed']}")

@@ -102,11 +102,14 @@ def fill_experts(cfg, data, experts_dir: Path, table: CellTable, cell: Cell, pol
         time.sleep(poll_s)
 
 
-def full_data(data, method: str, model_cfg, train_cfg, *, runs: int, device=None, crt_epochs: int = 10) -> dict:
-    """A long-tail method (erm, crt, balanced_softmax, ...) trained on the whole long-tailed set."""
+def full_data(data, method: str, model_cfg, train_cfg, *, runs: int, device=None, crt_epochs: int = 10,
+              checkpoint_dir=None) -> dict:
+    """A long-tail method (erm, crt, balanced_softmax, ...) trained on the whole long-tailed set; resumable run by
+    run (and within a run) with ``checkpoint_dir`` (the cell's work folder)."""
     from ..lt_methods import run_full
 
-    return run_full(data, method, model_cfg, train_cfg, runs=runs, device=device, crt_epochs=crt_epochs)
+    return run_full(data, method, model_cfg, train_cfg, runs=runs, device=device, crt_epochs=crt_epochs,
+                    checkpoint_dir=checkpoint_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

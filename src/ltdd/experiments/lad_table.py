@@ -328,9 +328,9 @@ class LadGrid:
                     cell, _, cfg = self.cell(IF, ipc, m)
                     if cfg is None:
                         proto = base.protocol_config()
-                        table.cell(cell, lambda m=m, proto=proto: full_data(
+                        table.cell(cell, lambda cell=cell, m=m, proto=proto: full_data(
                             data, m, proto.model, self.full_train_config(), runs=self.full_runs(),
-                            device=table.device, crt_epochs=CRT_EPOCHS))
+                            device=table.device, crt_epochs=CRT_EPOCHS, checkpoint_dir=table.artifact(cell)))
                         continue
                     experts = store if o.needs_experts(m) else None
                     table.cell(cell, lambda cell=cell, cfg=cfg, experts=experts: distill_evaluate(
