@@ -34,7 +34,7 @@ GPU_SCALE = {
     "model": "ConvNet-3, width 128, instance norm (as the paper)",
     "experts": "the lad preset: 100 representation experts x 100 epochs with GSAM, classifier experts x 10 epochs "
                "(as the paper); MTT, DATM and LAD share these stores",
-    "distillation": "LAD: its released configuration for (IF, IPC) (lad.md §4.7, upstream bugs fixed); MTT / DATM / "
+    "distillation": "LAD: its released configuration for (IF, IPC) (the authors' released configuration, its known bugs fixed); MTT / DATM / "
                     "DC / DM / coresets: their presets at full scale with the IPC set (the DATM preset is its "
                     "IPC 10 configuration: no per-IPC retuning)",
     "evaluation": "protocol 'lad': ConvNet-3 width 128, 1000 epochs, lr = learned lr, DSA, 5 runs (as the paper)",
@@ -207,7 +207,7 @@ def _reading(results: dict, cols) -> str:
             both = acc["lad"] > max(acc["lad-no-dam"], acc["lad-no-ed"])
             notes.append(f"{where}: ablation - DATM {100 * acc['datm']:.1f}, + DAM only (lad-no-ed) "
                          f"{100 * acc['lad-no-ed']:.1f}, + ED only (lad-no-dam) {100 * acc['lad-no-dam']:.1f}, both (lad) "
-                         f"{100 * acc['lad']:.1f}; the paper's ablation ({ab['where']}, lad.md §6.6, unverified): "
+                         f"{100 * acc['lad']:.1f}; the paper's ablation ({ab['where']}, as reported, unverified): "
                          f"{paper_ablation} - 'both components are needed' "
                          f"{'holds' if both else 'does NOT hold'} here.")
         for m in acc:
