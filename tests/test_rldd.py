@@ -190,9 +190,31 @@ def test_stores_refuse_each_other_and_other_data(tiny, store, tmp_path):
         DebiasedStore(store).load("teacher", make_tiny_data(counts=(12, 6, 4)))
     with pytest.raises(LtddError, match="another expert configuration"):
         train_experts(_expert_cfg(debiased=DebiasedExpertConfig(q=0.5)), tiny, store, progress=False)
+    with pytest.raises(LtddError, match="another expert configuration"):
+        train_experts(_expert_cfg(debiased=DebiasedExpertConfig(weight_norm="mean")), tiny, store, progress=False)
     with pytest.raises(LtddError, match="no batch norm"):
         train_experts(_expert_cfg(model=ModelConfig("convnet", {"width": 4, "depth": 1})), tiny, tmp_path / "x",
                       progress=False)
+
+
+def test_a_store_written_before_a_debiased_field_existed_still_matches(tiny, store, tmp_path):
+    """A new field at its default keeps the old behaviour, so a store recorded without it is still the same
+    configuration; set to another value, it is not."""
+    import json
+
+    from ltdd.debiased_experts import DebiasedStore, expert_material
+
+    import shutil
+
+    store = shutil.copytree(store, tmp_path / "old")  # the shared store stays as it is
+    meta_path = DebiasedStore(store).meta_path
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["debiased"]["weight_norm"]  # as written before the field was added
+    meta_path.write_text(json.dumps(meta))
+    DebiasedStore(store).check(tiny, _expert_cfg())
+    assert "weight_norm" in expert_material(_expert_cfg())["debiased"]
+    with pytest.raises(LtddError, match="another expert configuration"):
+        DebiasedStore(store).check(tiny, _expert_cfg(debiased=DebiasedExpertConfig(weight_norm="mean")))
 
 
 @pytest.mark.parametrize("profile", [None, "cpu"])

@@ -21,8 +21,9 @@ def test_alpha_schedule_endpoints_and_middle():
     assert alpha_schedule(10, 10) == 1.0  # fully re-weighted at T
     assert alpha_schedule(5, 10) == 0.25
     assert alpha_schedule(3, 200, "none") == 0.0  # the no-debias ablation: CE throughout
+    assert alpha_schedule(5, 10, "linear") == 0.5 and alpha_schedule(0, 10, "constant") == 1.0  # study variants
     with pytest.raises(LtddError):
-        alpha_schedule(1, 10, "linear")
+        alpha_schedule(1, 10, "cubic")
 
 
 def test_reweighting_known_answers():
@@ -33,6 +34,11 @@ def test_reweighting_known_answers():
     # frequencies or counts: the same weights; q = 0: uniform
     torch.testing.assert_close(reweighting([400, 100], 0.5), reweighting([0.8, 0.2], 0.5))
     torch.testing.assert_close(reweighting([5, 1, 1, 3], 0.0), torch.full((4,), 0.25, dtype=torch.float64))
+    # norm "mean": the same weights times C (they average 1); r^-1 = (2, 4, 4) -> 3 x (0.2, 0.4, 0.4)
+    torch.testing.assert_close(reweighting([2, 1, 1], 1.0, "mean"), torch.tensor([0.6, 1.2, 1.2], dtype=torch.float64))
+    torch.testing.assert_close(reweighting([5, 1, 1, 3], 0.0, "mean"), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(LtddError, match="unknown weight normalisation"):
+        reweighting([1, 2], 1.0, "max")
 
 
 def test_debias_loss_hand_computed():

@@ -157,7 +157,7 @@ PROTOCOLS = tuple(list_protocols())
 
 @dataclass
 class DebiasedExpertConfig:
-    """RLDD's debiased experts (``experts.kind: debiased``, beyond-lad.md §1.1): an observer (``experts.model``, needs
+    """RLDD's debiased experts (``experts.kind: debiased``): an observer (``experts.model``, needs
     batch norm) and a teacher, each trained on the long-tailed set with gamma_robust * L_robust + gamma_debias *
     L_debias (``ltdd.rldd_losses``) on two mixed-label augmented views."""
 
@@ -165,7 +165,12 @@ class DebiasedExpertConfig:
     gamma_robust: float = 1.0  # gamma_1: weight of the SimSiam-style consistency between the two views
     gamma_debias: float = 1.0  # gamma_2: weight of the scheduled, frequency-re-weighted CE
     q: float = 0.8  # re-weighting sharpness: class k weighted by r_k^-q / sum_j r_j^-q
-    schedule: str = "quadratic"  # quadratic: alpha = (epoch / epochs)^2; none: alpha = 0 (plain CE throughout)
+    # alpha(t), t = epoch, T = epochs: quadratic (t/T)^2 (as the paper); linear t/T; constant 1 (re-weighted CE
+    # from the start); none 0 (plain CE throughout)
+    schedule: str = "quadratic"
+    # the class weights r_k^-q normalised to sum to 1 (sum: as the paper writes them, so the re-weighted term is on
+    # the scale of CE / C) or to average 1 (mean: sum to C, the usual scaling of class-balanced losses)
+    weight_norm: str = "sum"
     mix: str = "cutmix"  # how the two views' labels are mixed: cutmix | mixup | none
     mix_alpha: float = 1.0  # lambda ~ Beta(mix_alpha, mix_alpha)
     proj_dim: int = 128  # z = Linear(feat_dim, proj_dim)(embed(view))

@@ -41,7 +41,8 @@ from .data.fingerprint import check_compatible, fingerprint
 from .errors import LtddError
 from .locks import try_lock, unlock
 from .models import create_model
-from .rldd_losses import MIXES, SCHEDULES, alpha_schedule, debias_loss, mix_batch, reweighting, robust_loss
+from .rldd_losses import (MIXES, SCHEDULES, WEIGHT_NORMS, alpha_schedule, debias_loss, mix_batch, reweighting,
+                          robust_loss)
 
 __all__ = ["ROLES", "ProjectionHeads", "DebiasedStore", "train_debiased_model", "train_debiased_experts",
            "has_batchnorm", "role_model"]
@@ -65,6 +66,8 @@ def role_model(cfg: ExpertConfig, role: str) -> ModelConfig:
 def check_debiased_config(d: DebiasedExpertConfig) -> None:
     if d.schedule not in SCHEDULES:
         raise LtddError(f"unknown experts.debiased.schedule '{d.schedule}' (known: {', '.join(SCHEDULES)})")
+    if d.weight_norm not in WEIGHT_NORMS:
+        raise LtddError(f"unknown experts.debiased.weight_norm '{d.weight_norm}' (known: {', '.join(WEIGHT_NORMS)})")
     if d.mix not in MIXES:
         raise LtddError(f"unknown experts.debiased.mix '{d.mix}' (known: {', '.join(MIXES)})")
     if d.robust_form not in ROBUST_FORMS:
@@ -126,7 +129,7 @@ def train_debiased_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num
         raise LtddError("cannot train an expert on an empty set")
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
-    weights = reweighting(class_counts, d.q).to(device=device, dtype=torch.float32)
+    weights = reweighting(class_counts, d.q, d.weight_norm).to(device=device, dtype=torch.float32)
     torch.manual_seed(seed)
     heads = ProjectionHeads(model.feat_dim, d.proj_dim, d.pred_hidden).to(device)
     params = list(model.parameters()) + list(heads.parameters())
@@ -179,6 +182,14 @@ def expert_material(cfg: ExpertConfig) -> dict:
             "train": to_dict(cfg.train), "debiased": to_dict(cfg.debiased), "seed": cfg.seed}
 
 
+def _with_defaults(stored):
+    """A store's recorded configuration with the debiased fields added since it was written at their defaults
+    (which keep the old behaviour), so that an older store still matches the configuration it was trained with."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("debiased"), dict):
+        return stored
+    return {**stored, "debiased": {**to_dict(DebiasedExpertConfig()), **stored["debiased"]}}
+
+
 class DebiasedStore:
     """A folder holding one observer and one teacher for one (expert configuration, data split)."""
 
@@ -214,7 +225,7 @@ class DebiasedStore:
     def check(self, data, cfg: ExpertConfig | None = None) -> dict:
         meta = self.meta()
         check_compatible(meta.get("data", {}), data, f"expert store {self.root}")
-        if cfg is not None and meta.get("config") != json.loads(json.dumps(expert_material(cfg))):
+        if cfg is not None and _with_defaults(meta.get("config")) != json.loads(json.dumps(expert_material(cfg))):
             raise LtddError(f"expert store {self.root} was trained with another expert configuration; use another "
                             f"folder")
         return meta

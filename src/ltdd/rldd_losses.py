@@ -1,4 +1,4 @@
-"""The losses of RLDD's debiased experts (beyond-lad.md §1.1) and the mixed-label views they are computed on.
+"""The losses of RLDD's debiased experts and the mixed-label views they are computed on.
 
 Each expert (observer and teacher) minimises ``gamma_1 * L_robust + gamma_2 * L_debias`` on two mixed-label
 augmented views of a batch:
@@ -12,7 +12,8 @@ augmented views of a batch:
 - :func:`debias_loss`: ``L_debias = alpha * sum_k [-w_k y_k log p_k] - beta * sum_k y_k log p_k`` with
   ``w_k = r_k^-q / sum_j r_j^-q`` (:func:`reweighting`), ``y`` the mixed target, ``alpha = (t/T)^2``
   (:func:`alpha_schedule`), ``beta = 1 - alpha``: plain CE early, frequency-re-weighted CE late. The weights sum to 1
-  over the classes (as written in the spec), so the re-weighted term is on the scale of CE / C for balanced data.
+  over the classes (as the paper writes them), so the re-weighted term is on the scale of CE / C for balanced data;
+  ``weight_norm: mean`` scales them to average 1 instead. Other schedules: linear ``t/T``, constant 1, none 0.
 - :func:`mix_batch`: the mixed-label views (CutMix or mixup of the batch with a permutation of itself).
 """
 
@@ -26,25 +27,31 @@ import torch.nn.functional as F
 
 from .errors import LtddError
 
-__all__ = ["alpha_schedule", "reweighting", "debias_loss", "robust_loss", "mix_batch", "beta_draw", "SCHEDULES", "MIXES"]
+__all__ = ["alpha_schedule", "reweighting", "debias_loss", "robust_loss", "mix_batch", "beta_draw", "SCHEDULES", "MIXES",
+           "WEIGHT_NORMS"]
 
-SCHEDULES = ("quadratic", "none")
+SCHEDULES = ("quadratic", "linear", "constant", "none")
+WEIGHT_NORMS = ("sum", "mean")
 MIXES = ("cutmix", "mixup", "none")
 
 
 def alpha_schedule(t: float, total: float, kind: str = "quadratic") -> float:
-    """alpha(t) = (t / T)^2 (``quadratic``; alpha(0) = 0, alpha(T) = 1) or 0 throughout (``none``: plain CE)."""
+    """alpha(t): ``quadratic`` (t / T)^2 (alpha(0) = 0, alpha(T) = 1; the paper's), ``linear`` t / T, ``constant`` 1
+    (re-weighted CE from the start) or ``none`` 0 (plain CE throughout)."""
     if kind == "none":
         return 0.0
-    if kind != "quadratic":
+    if kind == "constant":
+        return 1.0
+    if kind not in SCHEDULES:
         raise LtddError(f"unknown debias schedule '{kind}' (known: {', '.join(SCHEDULES)})")
     if total <= 0:
         raise LtddError(f"the debias schedule needs T > 0, got {total}")
-    return float(t / total) ** 2
+    return float(t / total) ** (2 if kind == "quadratic" else 1)
 
 
-def reweighting(class_counts, q: float) -> torch.Tensor:
-    """w_k = r_k^-q / sum_j r_j^-q with r_k the class frequency (float64, sums to 1).
+def reweighting(class_counts, q: float, norm: str = "sum") -> torch.Tensor:
+    """w_k = r_k^-q / sum_j r_j^-q with r_k the class frequency (float64, sums to 1); ``norm="mean"``: C times
+    that (the weights average 1).
 
     The frequencies' normalisation cancels, so counts give the same weights. A class without training images
     (r_k = 0) gets the rarest present class's frequency, so that its weight stays finite.
@@ -55,7 +62,9 @@ def reweighting(class_counts, q: float) -> torch.Tensor:
     n = torch.where(n > 0, n, n[n > 0].min())
     r = n / n.sum()
     w = r.pow(-float(q))
-    return w / w.sum()
+    if norm not in WEIGHT_NORMS:
+        raise LtddError(f"unknown weight normalisation '{norm}' (known: {', '.join(WEIGHT_NORMS)})")
+    return w / w.sum() * (len(w) if norm == "mean" else 1)
 
 
 def debias_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
