@@ -84,9 +84,9 @@ def main(argv=None) -> int:
         m = test_metrics(model.eval(), data)
         g = m.groups
         pc = " / ".join(f"{100 * a:.0f}" for a in m.per_class)
-        rows.append(f"| {v} | {share:.2f} | {100 * m.accuracy:.1f} | {100 * (g.get('head') or 0):.1f} | "
-                    f"{100 * (g.get('medium') or 0):.1f} | {100 * (g.get('tail') or 0):.1f} | {100 * m.class_std:.1f} | "
-                    f"{pc} | {secs:.0f} |")
+        grp = " | ".join("–" if g.get(k) is None else f"{100 * g[k]:.1f}" for k in ("head", "medium", "tail"))
+        rows.append(f"| {v} | {share:.2f} | {100 * m.accuracy:.1f} | {grp} | {100 * m.class_std:.1f} | {pc} | "
+                    f"{secs:.0f} |")
         print(rows[-1], flush=True)
     cmd = "python benchmarks/rldd_debias.py " + " ".join(argv if argv is not None else sys.argv[1:])
     counts = ", ".join(str(int(c)) for c in data.train_counts)

@@ -85,6 +85,21 @@ def test_a_checkpoint_of_another_training_is_refused(tmp_path, one_thread):
     assert ck.is_file()  # a refused checkpoint is left as it was
 
 
+def test_a_checkpoint_of_another_model_is_refused_and_seconds_accumulate(tmp_path, one_thread):
+    x, y = _data()
+    ck = tmp_path / "run.ckpt.safetensors"
+    with pytest.raises(Stop):
+        train_model(_net(), x, y, CFG, seed=3, checkpoint=ck, checkpoint_every_s=0,
+                    on_epoch_end=lambda e, m: (_ for _ in ()).throw(Stop) if e == 1 else None)
+    wider = create_model("convnet", 4, 3, 16, width=12, depth=2)
+    with pytest.raises(LtddError, match="a checkpoint of another training") as e:
+        train_model(wider, x, y, CFG, seed=3, checkpoint=ck)
+    assert "\n" not in str(e.value)
+    timing: dict = {}
+    train_model(_net(), x, y, CFG, seed=3, checkpoint=ck, timing=timing)
+    assert timing["resumed_from"] == 1 and 0 < timing["seconds_before"] < timing["seconds"]
+
+
 def test_a_foreign_file_is_one_clear_line(tmp_path):
     x, y = _data()
     bad = tmp_path / "bad.safetensors"
@@ -198,7 +213,15 @@ def test_crt_killed_in_either_stage_resumes_to_the_same_network(tmp_path, monkey
     # killed after epoch 1 of its stage: stage 1 then runs 2 more epochs + stage 2's 3, or stage 2 its last 2 only
     assert len(epochs) == (5 if die_in == "stage1" else 2)
     assert _same(straight, resumed) and m0.accuracy == m1.accuracy
-    assert not list(tmp_path.glob("*.ckpt.safetensors"))  # both stages' files removed at the end
+    # the files stay, holding the finished state, until the caller saved its result: a call now trains nothing
+    assert len(list(tmp_path.glob("*.ckpt.safetensors"))) == 2
+    epochs.clear()
+    again, _ = train_full(data, "crt", SMALL, FULL, crt_epochs=3, seed=5, checkpoint_dir=tmp_path)
+    assert not epochs and _same(straight, again)
+    from ltdd.lt_methods import remove_checkpoints
+
+    remove_checkpoints(tmp_path, "crt", 5)
+    assert not list(tmp_path.glob("*.ckpt.safetensors"))
 
 
 def test_run_full_keeps_finished_runs_and_resumes_the_one_in_progress(tmp_path, monkeypatch, one_thread):
@@ -230,3 +253,28 @@ def test_run_full_keeps_finished_runs_and_resumes_the_one_in_progress(tmp_path, 
     lm.run_full(data, "erm", SMALL, TrainConfig(**{**FULL.__dict__, "lr": 0.02}), runs=3, seed=1,
                 checkpoint_dir=tmp_path)
     assert calls == [1000, 1001, 1002]
+
+
+def test_a_network_killed_after_training_but_before_saving_is_not_retrained(tmp_path, monkeypatch, one_thread):
+    import types
+
+    import ltdd.experiments.netstore as ns
+    import ltdd.train as tr
+
+    x, y = _data()
+    data = types.SimpleNamespace(channels=3, im_size=16, num_classes=4, test_x=x[:8], test_y=y[:8])
+    s = ns.NetStore(tmp_path, ModelConfig("convnet", {"width": 8, "depth": 2}), CFG, {"d": 1}, {"real": "r"},
+                    {"real": 4})
+    s.data = data
+    real_write = ns.atomic_write_bytes
+    monkeypatch.setattr(ns, "atomic_write_bytes", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        s.get("flat", "real", x, y, 4, seed=0)
+    assert list(tmp_path.glob("*.ckpt.safetensors"))  # the finished state survived the kill
+    monkeypatch.setattr(ns, "atomic_write_bytes", real_write)
+    epochs = []
+    order = tr.epoch_order
+    monkeypatch.setattr(tr, "epoch_order", lambda *a: (epochs.append(1), order(*a))[1])
+    rec = s.get("flat", "real", x, y, 4, seed=0)
+    assert not epochs and rec["resumed_from"] == 4  # nothing retrained
+    assert list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.ckpt.safetensors"))

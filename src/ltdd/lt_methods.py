@@ -42,39 +42,55 @@ def _stage_one_config(method: str, cfg: TrainConfig) -> TrainConfig:
     raise LtddError(f"unknown long-tail method '{method}' (known: {', '.join(METHODS)})")
 
 
+def _checkpoint(checkpoint_dir, method: str, seed: int, stage: str) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{method}-seed{seed}-{stage}.ckpt.safetensors"
+
+
+def remove_checkpoints(checkpoint_dir, method: str, seed: int) -> None:
+    """Remove what :func:`train_full` kept in ``checkpoint_dir`` for (method, seed), once its result is saved."""
+    for stage in ("stage1", "stage2"):
+        _checkpoint(checkpoint_dir, method, seed, stage).unlink(missing_ok=True)
+
+
 def train_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, crt_epochs: int = 10,
-               device=None, seed: int = 0, progress: bool = False, checkpoint_dir: str | Path | None = None):
+               device=None, seed: int = 0, progress: bool = False, checkpoint_dir: str | Path | None = None,
+               timing: dict | None = None):
     """Train one network on the whole long-tailed training set with ``method``; returns (model, Metrics).
-    ``checkpoint_dir``: where the stages keep their resumable state (removed once the network is trained)."""
+
+    ``checkpoint_dir``: where the stages keep their resumable state; the files stay (holding the finished state)
+    until the caller has saved what it makes of the network and calls :func:`remove_checkpoints`. ``timing``:
+    filled with ``seconds_before``, the training seconds spent by earlier, interrupted calls."""
     from .models import create_model
 
-    def ckpt(stage: str) -> Path | None:
-        return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{method}-seed{seed}-{stage}.ckpt.safetensors"
-
+    keep = checkpoint_dir is not None
+    t1: dict = {}
+    t2: dict = {}
     stage1 = _stage_one_config(method, cfg)
     torch.manual_seed(seed)
     model = create_model(model_cfg.name, data.num_classes, data.channels, data.im_size, **model_cfg.args)
     model = model.to(device) if device is not None else model
     train_model(model, data.train_x, data.train_y, stage1, num_classes=data.num_classes,
                 class_counts=data.train_counts, seed=seed, progress=progress, desc=f"{method}",
-                checkpoint=ckpt("stage1"), keep_checkpoint=method == "crt")
+                checkpoint=_checkpoint(checkpoint_dir, method, seed, "stage1"), keep_checkpoint=keep, timing=t1)
     if method == "crt":
-        crt_stage(model, data, cfg, crt_epochs=crt_epochs, seed=seed, progress=progress, checkpoint=ckpt("stage2"))
-        if checkpoint_dir is not None:
-            ckpt("stage1").unlink(missing_ok=True)
+        crt_stage(model, data, cfg, crt_epochs=crt_epochs, seed=seed, progress=progress,
+                  checkpoint=_checkpoint(checkpoint_dir, method, seed, "stage2"), keep_checkpoint=keep, timing=t2)
+    if timing is not None:
+        timing["seconds_before"] = t1["seconds_before"] + t2.get("seconds_before", 0.0)
     return model, test_metrics(model, data)
 
 
 def crt_stage(model, data, cfg: TrainConfig, *, crt_epochs: int = 10, seed: int = 0, progress: bool = False,
-              checkpoint: str | Path | None = None):
+              checkpoint: str | Path | None = None, keep_checkpoint: bool = False, timing: dict | None = None):
     """cRT's second stage, in place: re-initialise the linear classifier and re-train it on the frozen backbone
-    with class-balanced sampling. ``seed`` is the run's seed (stage two uses ``seed + 1``)."""
+    with class-balanced sampling. ``seed`` is the run's seed (stage two uses ``seed + 1``). The re-initialisation
+    draws from the global torch generator, which the training loop does not use: a resumed cRT draws the same."""
     model.classifier.reset_parameters()
     stage2 = dataclasses.replace(cfg, epochs=crt_epochs, sampler="class_balanced", loss="ce",
                                  trainable="classifier", weight_decay=0.0, schedule="cosine")
     train_model(model, data.train_x, data.train_y, stage2, num_classes=data.num_classes,
                 class_counts=data.train_counts, seed=seed + 1, progress=progress, desc="crt classifier",
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, keep_checkpoint=keep_checkpoint, timing=timing)
     return model
 
 
@@ -85,6 +101,7 @@ def run_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, run
     each finished run's metrics and seconds are kept there (``<method>-run<r>.json``, with what determines them) and
     reused, and the run in progress resumes from its checkpoint."""
     from .train_checkpoint import training_identity
+    from .typed import material
 
     results: list[Metrics] = []
     seconds = 0.0
@@ -94,7 +111,9 @@ def run_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, run
         ident = None
         if done is not None:
             ident = training_identity(cfg, seed=s, x=data.train_x, y=data.train_y, num_classes=data.num_classes,
-                                      lr=cfg.lr, class_counts=data.train_counts) + f"/{method}/{model_cfg}/{crt_epochs}"
+                                      lr=cfg.lr, class_counts=data.train_counts,
+                                      extra={"method": method, "model": material(model_cfg),
+                                             "crt_epochs": int(crt_epochs)})
             if done.is_file():
                 rec = json.loads(done.read_text())
                 if rec.get("identity") == ident:
@@ -102,11 +121,14 @@ def run_full(data, method: str, model_cfg: ModelConfig, cfg: TrainConfig, *, run
                     seconds += float(rec["seconds"])
                     continue
         t0 = time.time()
+        timing: dict = {}
         _, m = train_full(data, method, model_cfg, cfg, crt_epochs=crt_epochs, device=device, seed=s,
-                          progress=progress, checkpoint_dir=checkpoint_dir)
+                          progress=progress, checkpoint_dir=checkpoint_dir, timing=timing)
         results.append(m)
-        seconds += time.time() - t0
+        run_s = time.time() - t0 + timing["seconds_before"]  # with the training an interrupted call did
+        seconds += run_s
         if done is not None:
-            save_json(done, {"identity": ident, "metrics": m.to_dict(), "seconds": time.time() - t0})
+            save_json(done, {"identity": ident, "metrics": m.to_dict(), "seconds": run_s})
+            remove_checkpoints(checkpoint_dir, method, s)
     return {"method": method, "summary": summarise(results), "runs": [m.to_dict() for m in results],
             "seconds": seconds}

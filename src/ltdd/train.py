@@ -174,7 +174,7 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
                 seed: int = 0, progress: bool = False, desc: str = "train",
                 on_epoch_end: Callable[[int, nn.Module], None] | None = None,
                 checkpoint: str | Path | None = None, checkpoint_every_s: float = 300.0,
-                keep_checkpoint: bool = False) -> nn.Module:
+                keep_checkpoint: bool = False, timing: dict | None = None) -> nn.Module:
     """Train ``model`` in place on (x, y) and return it.
 
     ``y`` is int64 hard labels or float soft-label logits (N, C). ``class_counts`` are the long-tailed training
@@ -184,8 +184,11 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     ``checkpoint``: a file that makes the run resumable. At an epoch's end, at most every ``checkpoint_every_s``
     seconds (0: every epoch), the whole state is written there atomically; a run started with the file present
     continues from it exactly as if never stopped (:mod:`ltdd.train_checkpoint`), and the file is removed once the
-    training ends (``keep_checkpoint``: it then holds the finished state, so that a later call returns at once, as a
-    multi-stage training needs). A checkpoint of another training is refused.
+    training ends (``keep_checkpoint``: it then holds the finished state, so that a later call returns at once; a
+    caller that must first save its result removes it after). A checkpoint of another training is refused.
+    ``on_epoch_end`` is called only for the epochs this call runs. ``timing``: filled with ``seconds`` (training
+    seconds over every run that contributed, the checkpoint's included), ``seconds_before`` (the checkpoint's share)
+    and ``resumed_from`` (the epoch resumed at).
     """
     if len(x) == 0:
         raise LtddError("cannot train on an empty set")
@@ -215,10 +218,12 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         from .train_checkpoint import load_training_checkpoint, training_identity
 
         identity = training_identity(cfg, seed=seed, x=x, y=y, num_classes=num_classes, lr=base_lr,
-                                     class_counts=class_counts)
-        first_epoch = load_training_checkpoint(checkpoint, identity=identity, model=model, opt=opt, params=params,
-                                               generator=gen, rng=rng)
-    last_save = time.monotonic()
+                                     class_counts=class_counts, model=model)
+        first_epoch, seconds_before = load_training_checkpoint(checkpoint, identity=identity, model=model, opt=opt,
+                                                               params=params, generator=gen, rng=rng)
+    else:
+        seconds_before = 0.0
+    started = last_save = time.monotonic()
     model.train()
     if cfg.trainable == "classifier":
         # frozen backbone: keep its normalisation statistics fixed too
@@ -256,16 +261,20 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             from .train_checkpoint import save_training_checkpoint
 
             save_training_checkpoint(checkpoint, identity=identity, next_epoch=epoch + 1, model=model, opt=opt,
-                                     params=params, generator=gen, rng=rng)
+                                     params=params, generator=gen, rng=rng,
+                                     seconds=seconds_before + time.monotonic() - started)
             last_save = time.monotonic()
+    seconds = seconds_before + time.monotonic() - started
     if checkpoint is not None and keep_checkpoint:
         if first_epoch < cfg.epochs:
             from .train_checkpoint import save_training_checkpoint
 
             save_training_checkpoint(checkpoint, identity=identity, next_epoch=cfg.epochs, model=model, opt=opt,
-                                     params=params, generator=gen, rng=rng)
+                                     params=params, generator=gen, rng=rng, seconds=seconds)
     elif checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
+    if timing is not None:
+        timing.update(seconds=seconds, seconds_before=seconds_before, resumed_from=first_epoch)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -22,6 +22,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def material(obj):
+    """A configuration as key material: ``to_dict`` without the fields that are at their default value, so that a
+    new configuration field (added with a default that keeps the old behaviour) does not make every recorded cell
+    stale. Lists keep every element (each reduced the same way)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                out[f.name] = material(value)
+                continue
+            if to_dict(value) != to_dict(default):
+                out[f.name] = material(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [material(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: material(v) for k, v in obj.items()}
+    return obj
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

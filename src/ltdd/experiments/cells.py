@@ -15,7 +15,6 @@ round-robin to the ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from ..config import DataConfig, RunConfig, save_json, to_dict
+from ..config import DataConfig, RunConfig, save_json
+from ..typed import material  # noqa: F401  (re-exported: the tables key their cells with it)
 from ..data.fingerprint import digest
 from ..distributed import local_only, rank_world
 from ..errors import LtddError
@@ -58,31 +58,6 @@ def root_identity(root) -> str | None:
     elsewhere (or under ``${LTDD_DATA}``) gives the same key, and not its size or content, so a key does not depend
     on whether the data is present (``--plan`` and ``--report-only`` need no data)."""
     return None if root is None else Path(str(root).rstrip("/")).name
-
-
-def material(obj):
-    """A configuration as key material: ``to_dict`` without the fields that are at their default value, so that a
-    new configuration field (added with a default that keeps the old behaviour) does not make every recorded cell
-    stale. Lists keep every element (each reduced the same way)."""
-    if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-            else:
-                out[f.name] = material(value)
-                continue
-            if to_dict(value) != to_dict(default):
-                out[f.name] = material(value)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [material(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: material(v) for k, v in obj.items()}
-    return obj
 
 
 def data_key(cfg: DataConfig) -> dict:

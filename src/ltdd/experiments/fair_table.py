@@ -474,16 +474,19 @@ class FairGrid:
 
         from ..evaluate import summarise
         from ..labels import save_teacher
-        from ..lt_methods import train_full
+        from ..lt_methods import remove_checkpoints, train_full
 
         t0 = time.time()
+        timing: dict = {}
+        work = self.table.artifact(cell)
         model, m = train_full(data, name, self.protocols["sgd"].model, _full_train(self.opts.profile),
                               crt_epochs=cell.key["crt_epochs"], device=self.table.device, seed=cell.key["seed"],
-                              checkpoint_dir=self.table.artifact(cell))
-        path = save_teacher(self.table.artifact(cell) / "teacher.safetensors", model.cpu(), self.protocols["sgd"].model,
+                              checkpoint_dir=work, timing=timing)
+        path = save_teacher(work / "teacher.safetensors", model.cpu(), self.protocols["sgd"].model,
                             data, description=f"{name} on the full long-tailed set, "
                                               f"{cell.key['train'].get('epochs')} epochs, seed {cell.key['seed']}")
-        return {"summary": summarise([m]), "path": str(path), "seconds": time.time() - t0}
+        remove_checkpoints(work, name, cell.key["seed"])  # kept until the teacher was saved
+        return {"summary": summarise([m]), "path": str(path), "seconds": time.time() - t0 + timing["seconds_before"]}
 
     # what a recorded cell leaves in the work folder (a new machine has the record but not the file)
     _ARTIFACT = {"distill": "distilled.safetensors", "teacher": "teacher.safetensors"}

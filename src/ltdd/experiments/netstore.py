@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..train_checkpoint import checkpoint_epoch
 from ..config import ModelConfig, TrainConfig, atomic_write_bytes, save_json
 from .cells import key_hash, log, material
 
@@ -70,26 +69,25 @@ class NetStore:
         if path.is_file():
             return torch.load(path, weights_only=True)
         epochs = self.epochs[src]
-        t0 = time.time()
         model = self._new(n_out, seed)
         self.root.mkdir(parents=True, exist_ok=True)
         ckpt = self.root / f"{stem}.ckpt.safetensors"
-        start = checkpoint_epoch(ckpt) if ckpt.is_file() else 0
+        timing: dict = {}
+        # the checkpoint is kept until the network is saved: a kill in between loses nothing
         train_model(model, x, y, dataclasses.replace(self.train_cfg, epochs=epochs), num_classes=n_out,
                     class_counts=class_counts, seed=seed, desc=stem, checkpoint=ckpt,
-                    checkpoint_every_s=CHECKPOINT_EVERY_S)
-        # a resumed network's seconds: those of this run, extrapolated to all its epochs
-        t_train = (time.time() - t0) * epochs / (epochs - start)
+                    checkpoint_every_s=CHECKPOINT_EVERY_S, keep_checkpoint=True, timing=timing)
         t1 = time.time()
         logits = predict(model, self.data.test_x)
         rec = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "test_logits": logits,
-               "epochs": int(epochs), "n_train": int(len(x)), "seconds": float(t_train + time.time() - t1),
-               "train_seconds": float(t_train), "n_out": int(n_out), "seed": int(seed), "resumed_from": int(start)}
+               "epochs": int(epochs), "n_train": int(len(x)), "seconds": float(timing["seconds"] + time.time() - t1),
+               "train_seconds": float(timing["seconds"]), "n_out": int(n_out), "seed": int(seed),
+               "resumed_from": int(timing["resumed_from"])}
         buf = io.BytesIO()
         torch.save(rec, buf)
-        self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
         save_json(path.with_suffix(".json"), {k: rec[k] for k in ("seconds", "epochs", "n_train", "resumed_from")})
+        ckpt.unlink(missing_ok=True)
         acc = float((logits.argmax(1) == self.data.test_y).float().mean()) if n_out == self.data.num_classes else None
         log(f"  net {stem}: {len(x)} images x {epochs} epochs, {rec['seconds']:.0f} s"
             + (f", test acc {acc:.3f}" if acc is not None else ""))
