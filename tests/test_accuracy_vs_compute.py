@@ -109,8 +109,13 @@ def test_crossing_on_hand_made_curves():
     below = crossing(_pts((100, 0.30), (1000, 0.35), (10000, 0.41)), dm)
     assert below["status"] == "below" and below["clear"]
     assert "does not cross DM's: it stays below it" in crossing_text("LAD", "DM", below, (3, 3), (3, 3))
-    # only the common compute range counts: a LAD point beyond DM's last one cannot make a crossing
-    assert crossing(_pts((100, 0.30), (1000, 0.35), (1e5, 0.9)), _pts((100, 0.4), (2000, 0.45)))["status"] == "below"
+    # only the common compute range counts: a LAD point beyond DM's last one cannot make a crossing, but it is said
+    far = crossing(_pts((100, 0.30), (1000, 0.35), (1e5, 0.9)), _pts((100, 0.4), (2000, 0.45)))
+    assert far["status"] == "below" and far["beyond"]["above"] and far["beyond"]["b_largest"] == 2000
+    assert crossing_text("LAD", "DM", far).endswith(
+        "; beyond DM's largest point (2000 s), LAD reaches 90.0 % at 100000 s, above every DM point (DM's best: "
+        "45.0 % at 2000 s)")
+    assert crossing(lad, dm)["beyond"] is None  # no LAD point beyond DM's range
     noisy = crossing(_pts((100, 0.40), (1000, 0.42)), [dict(p, std=0.05) for p in _pts((100, 0.41), (1000, 0.41))])
     assert noisy["status"] == "crosses" and not noisy["clear"]
     assert "not resolved" in crossing_text("LAD", "DM", noisy)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["curve", "best_per_decade", "crossing", "crossing_text", "decade_lines", "coverage", "coverage_line"]
+__all__ = ["curve", "best_per_decade", "crossing", "beyond", "crossing_text", "decade_lines", "coverage", "coverage_line"]
 
 MIN_POINTS, MIN_SPAN, LARGEST_S = 3, 10.0, 5400.0  # the table's aim per method (trajectory methods: the largest too)
 
@@ -75,11 +75,38 @@ def crossing(a: list[dict], b: list[dict]) -> dict:
             before = [abs(v) > sd for x, v, sd in signed if x < lx and (v > 0) == (v0 > 0)]
             after = [abs(v) > sd for x, v, sd in signed if x > lx and (v > 0) == (v1 > 0)]
             clear = clear and any(before) and any(after)
-    out = {"range": (10 ** lo, 10 ** hi), "gaps": [(10 ** x, v, sd) for x, v, sd in zip(knots, d, s)]}
+    out = {"range": (10 ** lo, 10 ** hi), "gaps": [(10 ** x, v, sd) for x, v, sd in zip(knots, d, s)],
+           "beyond": beyond(a, b)}
     if at:
         return {**out, "status": "crosses", "at": at, "clear": clear}
     side = "above" if all(v >= 0 for v in d) else "below"
     return {**out, "status": side, "clear": any(abs(v) > sd for v, sd in zip(d, s))}
+
+
+def beyond(a: list[dict], b: list[dict]) -> dict | None:
+    """Curve ``a``'s best point at a compute beyond ``b``'s largest, against ``b``'s best point anywhere (the
+    curves cannot be compared there, but a set better than every one of ``b``'s is an answer); None when ``a`` has
+    no point beyond ``b``'s range."""
+    a, b = curve(a), curve(b)
+    if not a or not b:
+        return None
+    far = [p for p in a if p["compute"] > b[-1]["compute"]]
+    if not far:
+        return None
+    best_a, best_b = max(far, key=lambda p: p["mean"]), max(b, key=lambda p: p["mean"])
+    return {"b_largest": b[-1]["compute"], "a": best_a, "b_best": best_b,
+            "above": best_a["mean"] > best_b["mean"],
+            "clear": abs(best_a["mean"] - best_b["mean"]) > math.hypot(best_a.get("std", 0), best_b.get("std", 0))}
+
+
+def _beyond_text(a_name: str, b_name: str, r: dict | None) -> str:
+    if not r:
+        return ""
+    a, b = r["a"], r["b_best"]
+    return (f"; beyond {b_name}'s largest point ({_sec(r['b_largest'])} s), {a_name} reaches {100 * a['mean']:.1f} % "
+            f"at {_sec(a['compute'])} s, {'above' if r['above'] else 'below'} every {b_name} point ({b_name}'s best: "
+            f"{100 * b['mean']:.1f} % at {_sec(b['compute'])} s)"
+            + ("" if r["clear"] else ", within the runs' spread"))
 
 
 def crossing_text(a_name: str, b_name: str, res: dict, done: tuple[int, int] | None = None,
@@ -111,6 +138,7 @@ def crossing_text(a_name: str, b_name: str, res: dict, done: tuple[int, int] | N
             body = (f"{a_name}'s curve does not cross {b_name}'s: it stays {st} it over {_sec(lo)}-{_sec(hi)} "
                     f"single-core s (gap {a_name} - {b_name}: {gaps})"
                     + ("" if res["clear"] else "; the gap is within the runs' spread (std) throughout"))
+    body += _beyond_text(a_name, b_name, res.get("beyond"))
     return f"{head}; so far: {body}" if head else body
 
 
