@@ -215,7 +215,7 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     identity = None
     first_epoch = 0
     if checkpoint is not None:
-        from .train_checkpoint import load_training_checkpoint, training_identity
+        from .train_checkpoint import load_training_checkpoint, save_training_checkpoint, training_identity
 
         identity = training_identity(cfg, seed=seed, x=x, y=y, num_classes=num_classes, lr=base_lr,
                                      class_counts=class_counts, model=model)
@@ -258,8 +258,6 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
         if checkpoint is not None and epoch + 1 < cfg.epochs and time.monotonic() - last_save >= checkpoint_every_s:
-            from .train_checkpoint import save_training_checkpoint
-
             save_training_checkpoint(checkpoint, identity=identity, next_epoch=epoch + 1, model=model, opt=opt,
                                      params=params, generator=gen, rng=rng,
                                      seconds=seconds_before + time.monotonic() - started)
@@ -267,8 +265,6 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     seconds = seconds_before + time.monotonic() - started
     if checkpoint is not None and keep_checkpoint:
         if first_epoch < cfg.epochs:
-            from .train_checkpoint import save_training_checkpoint
-
             save_training_checkpoint(checkpoint, identity=identity, next_epoch=cfg.epochs, model=model, opt=opt,
                                      params=params, generator=gen, rng=rng, seconds=seconds)
     elif checkpoint is not None:
