@@ -247,6 +247,9 @@ def _two_stage(common: dict, t: dict, *, threads, plan: bool, report_only: bool)
 def main(argv: list[str] | None = None, prog_name: str = "ltdd reproduce", defaults: dict | None = None) -> int:
     """Run the command outside the ``ltdd`` group (the benchmark scripts): a user error is one line on stderr and
     exit code 2, as under ``ltdd``. ``defaults``: ``{"--option": value}`` added when the arguments do not give it."""
+    from ..runtime import configure_process
+
+    configure_process()  # as the ``ltdd`` group does for every command (CPU malloc tuning)
     argv = list(sys.argv[1:] if argv is None else argv)
     for opt, value in (defaults or {}).items():
         if not any(a == opt or a.startswith(opt + "=") for a in argv):
