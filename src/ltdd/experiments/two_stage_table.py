@@ -13,7 +13,9 @@ In order (every step resumable):
 5. the two-stage rows (Original + GM, Original + MTT, Original + Original, GM + GM): a 2-way group classifier on the
    stage-1 data, one intra-group classifier per group on the stage-2 images of its classes; hard routing as the
    paper, plus soft routing and the group-prior correction from the same networks (:mod:`ltdd.two_stage`); the
-   same rows again under a fixed split given with ``groups`` (cells ``<row>-fixed``, keyed by that split);
+   same rows again under a fixed split given with ``groups`` (cells ``<row>-fixed``, keyed by that split).
+   Steps 4 and 5 interleave: each row is computed as soon as its sources exist (the real-image rows first, then
+   the MTT set and its rows, then the GM set and its rows; :meth:`TwoStageGrid.run_stages`);
 6. the partition each flat model gives (stability across seeds and training sets, against a random control).
 
 Profiles (:func:`profile_settings`): ``cpu`` (a small scale for shared CPU cores), ``gpu`` (the paper's scale) and
@@ -55,7 +57,12 @@ ROWS = {
     "original+original": ("Original + Original", 3, "real", "real"),
     "gm+gm": ("GM + GM", 3, "gm", "gm"),
 }
-TWO_STAGE_ORDER = ("original+gm", "original+mtt", "gm+gm", "original+original")  # the order rows are computed in
+TWO_STAGE_ORDER = ("original+gm", "original+mtt", "gm+gm", "original+original")  # the order rows are shown in
+# The run's order: the sources in SOURCE_ORDER (real first, then the cheaper distilled set), each followed by the rows
+# it completes (under each split, in COMPUTE_ORDER), so that rows appear as soon as their sources exist and the
+# real-image networks, shared by several rows, are trained by the first row that needs them.
+SOURCE_ORDER = ("real", "mtt", "gm")
+COMPUTE_ORDER = ("original+original", "original+mtt", "original+gm", "gm+gm")
 SOURCE_LABEL = {"real": "Original (2,478 real LT images)", "gm": "GM / DC distilled (IPC 10)",
                 "mtt": "MTT distilled (IPC 10)"}
 STABILITY_RANDOM = 1000  # random partitions of the stability control
@@ -64,31 +71,32 @@ VEHICLES_ANIMALS = "0,1,8,9;2,3,4,5,6,7"  # {airplane, automobile, ship, truck} 
 PAPER_WIDTH, PAPER_EPOCHS = 128, 300  # every network of the paper: ConvNet-3 width 128, 300 epochs (DC protocol)
 
 # ---- the paper-real profile: every network at the paper's scale, GM and MTT cut to fit the budget ---------------
-# Single-thread costs on this project's CPUs at width 128 (measured):
-EPOCH_S = 15.5            # one training epoch on the 2,478 real images (measured 14-17 s)
-GM_ITERATION_S = 382.0    # one GM (DC) iteration at the paper's settings (outer 10 / inner 50, 256 real per class)
-MTT_ITERATION_S = 40.0    # one MTT iteration (measured ~40 s; taken as the mtt preset's 30 student steps on 100 images)
-# Derived, not measured on their own:
-TEST_LOGITS_S = 21.0      # the 10k test images through a trained network: forward only, ~1/3 of a training step
-DSA_FACTOR = 1.1          # an MTT expert epoch (DSA augmentation) against a plain epoch
+# Single-thread costs on this project's CPUs at width 128, with the CPU malloc tuning every command applies
+# (measured by benchmarks/two_stage_costs.py with the profile's own configurations; benchmarks/results/two_stage_costs.md):
+EPOCH_S = 5.3             # one training epoch on the 2,478 real images (measured 5.31 and 5.33 s)
+GM_ITERATION_S = 135.0    # one GM (DC) iteration at the paper's settings (outer 10 / inner 50, 256 real per class)
+MTT_ITERATION_S = 17.6    # one MTT iteration at the mtt preset's settings (30 student steps on 100 images)
+EXPERT_EPOCH_S = 4.8      # one MTT expert epoch (DSA, no momentum) on the 2,478 images
+TEST_LOGITS_S = 11.5      # the 10k test images through a trained network (measured 10.5 and 12.2 s)
 BUDGET_S = 2 * 4 * 3600   # about 4 hours on 2 cores = 8 core-hours for the whole table
 # The arithmetic (one run per row, the computed and the vehicles/animals split; estimate_seconds computes it):
-#   a network on the 2,478 real images, 300 epochs: 300 x 15.5 + 21 = 4,671 s; on the 100 distilled images (one
-#   batch per epoch): 300 x 15.5 x 100 / 2,478 + 21 = 209 s.
+#   a network on the 2,478 real images, 300 epochs: 300 x 5.3 + 11.5 = 1,601.5 s; on the 100 distilled images (one
+#   batch per epoch): 300 x 5.3 x 100 / 2,478 + 11.5 = 75.7 s.
 #   Networks on real images: Original flat, and per split the group classifier and Original + Original's two
-#   intra-group classifiers (2,478 images between them): 4,671 + 2 x (4,671 + 4,692) = 23,397 s.
+#   intra-group classifiers (2,478 images between them): 1,601.5 + 2 x (1,601.5 + 1,613) = 8,030.5 s.
 #   Networks on distilled images: GM flat, MTT flat, and per split the GM group classifier and two intra-group
-#   classifiers each on the GM and the MTT set: 2 x 209 + 2 x (209 + 2 x 230) = 1,756 s.
-#   Networks: 25,150 s of the 28,800 s budget; 3,650 s are left for distillation:
-#   GM: 5 iterations x 382 s = 1,910 s (1000 iterations would take 106 core-hours);
-#   MTT: 1 expert x 21 epochs (distillation reads only epochs 0..21: start epochs [0, 20) + 2) at ~17 s with DSA,
-#   plus its test pass: 379 s; 30 iterations x 40 s = 1,200 s.
-#   Total 28,640 s = 7.96 core-hours: about 4 h on 2 cores with --threads 2 (if two threads run twice as fast as
-#   one), about 8 h on one thread. One more GM iteration would not fit.
-PAPER_REAL_GM_ITERATIONS = 5
-PAPER_REAL_MTT_EXPERTS = 1
+#   classifiers each on the GM and the MTT set: 2 x 75.7 + 2 x (75.7 + 2 x 87.2) = 651.6 s.
+#   Networks: 8,682 s of the 28,800 s budget; the 20,118 s left go to the two distillers in equal shares (the
+#   sets the two-stage rows compare cost the same), about 10,059 s each:
+#   GM: 74 iterations x 135 s = 9,990 s (the paper's 1000 would take 37.5 core-hours);
+#   MTT: 5 experts x 21 epochs (distillation reads only epochs 0..21: start epochs [0, 20) + 2) at 4.8 s, plus
+#   a test pass each: 5 x 112.3 = 561.5 s; 539 iterations x 17.6 s = 9,486.4 s; 10,047.9 s in all.
+#   Total 28,720 s = 7.98 core-hours: about 4 h on 2 cores with --threads 2 (if two threads run twice as fast as
+#   one), about 8 h on one thread. One more GM or MTT iteration would break the equal shares or the budget.
+PAPER_REAL_GM_ITERATIONS = 74
+PAPER_REAL_MTT_EXPERTS = 5
 PAPER_REAL_EXPERT_EPOCHS = 21
-PAPER_REAL_MTT_ITERATIONS = 30
+PAPER_REAL_MTT_ITERATIONS = 539
 MTT_LR_LR = 1e-7  # cpu and paper-real (see profile_settings)
 
 
@@ -260,7 +268,7 @@ def _verdict(same: list[str], diff: list[str], less: bool) -> str:
 
 def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
     """Estimated single-thread seconds of each cell that trains or distils, from the costs measured at width 128
-    (``EPOCH_S``, ``GM_ITERATION_S``, ``MTT_ITERATION_S``; networks of another width scaled by (width/128)^2, a
+    (``EPOCH_S``, ``EXPERT_EPOCH_S``, ``GM_ITERATION_S``, ``MTT_ITERATION_S``; networks of another width scaled by (width/128)^2, a
     rough guide): a network costs its epochs x ``EPOCH_S`` x its images / 2,478 plus one test pass; a network two
     rows share is charged to the first row that trains it. Data, grouping and stability cells (seconds) are left
     out. Meant for the paper-real profile (the distillers at the paper's per-iteration settings)."""
@@ -278,12 +286,12 @@ def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
     out = {"original_flat": nets("real", 1),
            grid.gm_cell.name: grid.dc_cfg.distill.iterations * GM_ITERATION_S,
            "gm_flat": nets("gm", 1),
-           grid.experts_cell.name: ex.num_experts * (ex.train.epochs * EPOCH_S * DSA_FACTOR + TEST_LOGITS_S),
+           grid.experts_cell.name: ex.num_experts * (ex.train.epochs * EXPERT_EPOCH_S + TEST_LOGITS_S),
            grid.mtt_cell.name: grid.mtt_cfg.distill.iterations * MTT_ITERATION_S,
            "mtt_flat": nets("mtt", 1)}
     for split in grid.splits():
         trained: set = set()
-        for row in TWO_STAGE_ORDER:
+        for row in COMPUTE_ORDER:
             _, _, st1, st2 = ROWS[row]
             sec = 0.0
             if ("group", st1) not in trained:
@@ -388,25 +396,34 @@ class TwoStageGrid:
                (self.grouping_cell, "-", f"run-0 Original-flat model (width {st['width']}, {st['real_epochs']} "
                                          f"epochs), probe features, M = {o.M}, exhaustive max-cut", None)]
         rows = {r: (self.row_cell(r), "-", self._row_text(r), None) for r in ROWS}
-        out += [rows["original_flat"],
-                (self.gm_cell, "dc", f"ipc {gm.ipc}, {gm.iterations} iterations; {sc['gm']}",
-                 self.table.artifact(self.gm_cell) / "checkpoint.safetensors"),
-                rows["gm_flat"],
-                (self.experts_cell, "mtt", f"{ex.num_experts} x {ex.train.epochs} epochs, width "
-                                           f"{ex.model.args.get('width', PAPER_WIDTH)}",
-                 store_folder(self.table.work, self.experts_cell) / "store.json"),
-                (self.mtt_cell, "mtt", f"ipc {mtt.ipc}, {mtt.iterations} iterations, lr_lr {mtt.lr_lr:g}; {sc['mtt']}",
-                 self.table.artifact(self.mtt_cell) / "checkpoint.safetensors"),
-                rows["mtt_flat"]]
-        out += [rows[r] for r in TWO_STAGE_ORDER]
-        if self.fixed_groups:
-            out += [(self.row_cell(r, "fixed"), "-", self._row_text(r, "fixed"), None) for r in TWO_STAGE_ORDER]
+        source_cells = {
+            "real": [],
+            "gm": [(self.gm_cell, "dc", f"ipc {gm.ipc}, {gm.iterations} iterations; {sc['gm']}",
+                    self.table.artifact(self.gm_cell) / "checkpoint.safetensors")],
+            "mtt": [(self.experts_cell, "mtt", f"{ex.num_experts} x {ex.train.epochs} epochs, width "
+                                               f"{ex.model.args.get('width', PAPER_WIDTH)}",
+                     store_folder(self.table.work, self.experts_cell) / "store.json"),
+                    (self.mtt_cell, "mtt", f"ipc {mtt.ipc}, {mtt.iterations} iterations, lr_lr {mtt.lr_lr:g}; "
+                                           f"{sc['mtt']}",
+                     self.table.artifact(self.mtt_cell) / "checkpoint.safetensors")]}
+        for src, ready in self.run_stages():
+            out += source_cells[src] + [rows[f"{'original' if src == 'real' else src}_flat"]]
+            out += [(self.row_cell(r, split), "-", self._row_text(r, split), None) for r, split in ready]
         out.append((self.stability_cell, "-", f"the partition of each flat model ({3 * len(self.seeds)} models) vs "
                                               f"{STABILITY_RANDOM} random splits", None))
         if o.profile == "paper-real":
             est = estimate_seconds(self)
             out = [(c, p, f"{w} [est. {est[c.name]:,.0f} s]" if c.name in est else w, f)
                    for c, p, w, f in out]
+        return out
+
+    def run_stages(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """The run's order: each source in ``SOURCE_ORDER`` with the (row, split) pairs it completes."""
+        out, have = [], set()
+        for src in SOURCE_ORDER:
+            have.add(src)
+            out.append((src, [(row, split) for split in self.splits() for row in COMPUTE_ORDER
+                              if src in ROWS[row][2:] and set(ROWS[row][2:]) <= have]))
         return out
 
     def split_text(self, split: str) -> str:
@@ -610,29 +627,31 @@ class TwoStageGrid:
             syn = SyntheticSet.load(out)
             return syn.images, syn.labels.long(), res
 
-        row_cell("original_flat", lambda: flat_row("original_flat"))
+        def gm_source():
+            t0 = time.time()
+            sources["gm"] = distilled(self.gm_cell, self.dc_cfg)[:2]
+            timings["distill_gm"] = time.time() - t0
 
-        # 4. distilled sets: GM (DC preset), MTT (own expert store on this split)
-        t0 = time.time()
-        sources["gm"] = distilled(self.gm_cell, self.dc_cfg)[:2]
-        timings["distill_gm"] = time.time() - t0
-        row_cell("gm_flat", lambda: flat_row("gm_flat"))
+        def mtt_source():
+            t0 = time.time()
+            ex = self.mtt_cfg.experts
+            store = store_folder(table.work, self.experts_cell)
+            log(f"MTT experts: {ex.num_experts} x {ex.train.epochs} epochs, width {ex.model.args.get('width', 128)}")
+            self.trained_experts = fill_experts(ex, data, store, table, self.experts_cell)
+            timings["mtt_experts"] = time.time() - t0
+            t0 = time.time()
+            sources["mtt"] = distilled(self.mtt_cell, self.mtt_cfg, experts_dir=store)[:2]
+            timings["distill_mtt"] = time.time() - t0
 
-        t0 = time.time()
-        ex = self.mtt_cfg.experts
-        store = store_folder(table.work, self.experts_cell)
-        log(f"MTT experts: {ex.num_experts} x {ex.train.epochs} epochs, width {ex.model.args.get('width', 128)}")
-        self.trained_experts = fill_experts(ex, data, store, table, self.experts_cell)
-        timings["mtt_experts"] = time.time() - t0
-        t0 = time.time()
-        sources["mtt"] = distilled(self.mtt_cell, self.mtt_cfg, experts_dir=store)[:2]
-        timings["distill_mtt"] = time.time() - t0
-        row_cell("mtt_flat", lambda: flat_row("mtt_flat"))
-
-        # 5. two-stage rows, under the computed split and then the fixed one
-        for split in self.splits():
-            grp = groups if split == "computed" else self.fixed_groups
-            for row in TWO_STAGE_ORDER:
+        # 4-5. each source (real; the MTT set on its own expert store; the GM set with the dc preset), its flat row,
+        # then the two-stage rows it completes, under the computed split and the fixed one
+        make = {"real": lambda: None, "mtt": mtt_source, "gm": gm_source}
+        for src, ready in self.run_stages():
+            make[src]()
+            flat = f"{'original' if src == 'real' else src}_flat"
+            row_cell(flat, lambda flat=flat: flat_row(flat))
+            for row, split in ready:
+                grp = groups if split == "computed" else self.fixed_groups
                 row_cell(row, lambda row=row, grp=grp: two_stage_row(row, grp), split)
 
         # 6. stability of the grouping across the flat models (seeds, LT / GM / MTT training sets)
