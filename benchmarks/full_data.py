@@ -233,6 +233,9 @@ def notes_for(results: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from ltdd.runtime import configure_process
+
+    configure_process()  # as every ltdd command (CPU malloc tuning)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root", default=str(DEFAULT_DATA), help="CIFAR-10 (JPEG ImageFolder archive or batches)")

@@ -457,6 +457,9 @@ def write_results(stem: Path, section: str | None, out: dict | None) -> None:
 
 
 def main(argv=None) -> None:
+    from ltdd.runtime import configure_process
+
+    configure_process()  # as every ltdd command (CPU malloc tuning)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
