@@ -62,6 +62,7 @@ def test_paper_real_profile_is_the_papers_scale_with_reduced_distillation(tmp_pa
     ex, mtt = grid.mtt_cfg.experts, grid.mtt_cfg.distill
     ph = mtt.phases[0]
     assert (ex.num_experts, ex.train.epochs, mtt.iterations, mtt.lr_lr) == (5, 21, 539, 1e-7)
+    assert mtt.eval_every == 0 == gm.eval_every  # no evaluation network inside the budgeted distillation
     assert (ph.syn_steps, ph.expert_epochs, ph.max_start_epoch) == (30, 2, 20)
     assert ex.train.epochs == ph.max_start_epoch - 1 + ph.expert_epochs
     assert grid.fixed_groups == VEHICLES

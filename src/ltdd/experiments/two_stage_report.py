@@ -24,6 +24,7 @@ from .two_stage_table import (
     TWO_STAGE_ORDER,
     VEHICLES_ANIMALS,
     default_runs,
+    run_stages,
 )
 
 __all__ = ["write_report", "render_markdown", "command_args"]
@@ -360,12 +361,16 @@ def render_markdown(P: dict) -> str:
 
     T = P.get("timings", {})
     if T:
-        order = ["data", "original_flat_run0", "row_original_flat", "mtt_experts", "distill_mtt", "row_mtt_flat",
-                 "distill_gm", "row_gm_flat"] + [f"row_{r}" for r in TWO_STAGE_ORDER] + \
-                [f"row_{r}-fixed" for r in TWO_STAGE_ORDER] + ["grouping_stability", "total_wall"]
+        # the run's order: each source, its flat row, then the two-stage rows it completes
+        made = {"real": [], "mtt": ["mtt_experts", "distill_mtt"], "gm": ["distill_gm"]}
+        order = ["data", "original_flat_run0"]
+        for src, ready in run_stages(["computed", "fixed"]):
+            order += made[src] + [f"row_{'original' if src == 'real' else src}_flat"]
+            order += [f"row_{r}" + ("-fixed" if split == "fixed" else "") for r, split in ready]
+        order += ["grouping_stability", "total_wall"]
         L += ["", "## Timing (seconds, wall clock, this machine)", "",
-              "Summed over every call of this work folder (a resumed call only adds what it recomputed); the "
-              "machine's 2 cores were shared with other jobs, so these are loaded-machine times: " +
+              "Summed over every call of this work folder (a resumed call only adds what it recomputed); other "
+              "jobs may have shared the machine's cores, so these are not idle-machine times: " +
               ", ".join(f"{k} {T[k]:.0f}" for k in order + sorted(set(T) - set(order)) if k in T) + "."]
         tot = {k: sum(v["seconds"] for n, v in P.get("net_seconds", {}).items() if n.startswith(k))
                for k in ("flat-", "group-", "intra-")}
