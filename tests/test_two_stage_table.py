@@ -82,8 +82,8 @@ def test_paper_real_profile_is_the_papers_scale_with_reduced_distillation(tmp_pa
         TwoStageOptions(profile="paper")
 
 
-def test_paper_real_fits_its_budget_with_equal_distillation_shares():
-    grid = TwoStageGrid(TwoStageOptions(profile="paper-real"))
+def test_paper_real_fits_its_budget_with_equal_distillation_shares(tmp_path):
+    grid = TwoStageGrid(TwoStageOptions(profile="paper-real", work=str(tmp_path / "w"), results=str(tmp_path / "r")))
     est = estimate_seconds(grid)
     total = sum(est.values())
     assert 0.99 * BUDGET_S < total <= BUDGET_S
@@ -100,6 +100,14 @@ def test_paper_real_fits_its_budget_with_equal_distillation_shares():
     gm, mtt = est["distill-gm"], est["experts-mtt"] + est["distill-mtt"]
     assert gm <= share < gm + GM_ITERATION_S and mtt <= share < mtt + MTT_ITERATION_S
     assert "total 7.98 core-hours = about 4.0 h on 2 cores" in grid.estimate_lines()[0]
+    # once the grouping is known to equal the fixed split, the fixed rows train nothing new (their networks exist),
+    # and the total drops by exactly what they were charged
+    grid.table.save(grid.grouping_cell, {"groups": VEHICLES})
+    after = estimate_seconds(grid)
+    assert all(after[f"{r}-fixed"] == 0 for r in ("original+original", "original+mtt", "original+gm", "gm+gm"))
+    assert sum(after.values()) == pytest.approx(total - sum(est[f] for f in FIXED))
+    grid.table.save(grid.grouping_cell, {"groups": [[0, 1, 2, 8, 9], [3, 4, 5, 6, 7]]})  # another split
+    assert estimate_seconds(grid) == est
     # three runs per row would not fit: the networks and the same distillation exceed the budget
     assert sum(estimate_seconds(TwoStageGrid(TwoStageOptions(profile="paper-real", runs=3))).values()) > BUDGET_S
 

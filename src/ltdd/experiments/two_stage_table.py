@@ -282,10 +282,12 @@ def _verdict(same: list[str], diff: list[str], less: bool) -> str:
 
 def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
     """Estimated single-thread seconds of each cell that trains or distils, from the costs measured at width 128
-    (``EPOCH_S``, ``EXPERT_EPOCH_S``, ``GM_ITERATION_S``, ``MTT_ITERATION_S``; networks of another width scaled by (width/128)^2, a
-    rough guide): a network costs its epochs x ``EPOCH_S`` x its images / 2,478 plus one test pass; a network two
-    rows share is charged to the first row that trains it. Data, grouping and stability cells (seconds) are left
-    out. Meant for the paper-real profile (the distillers at the paper's per-iteration settings)."""
+    (``EPOCH_S``, ``EXPERT_EPOCH_S``, ``GM_ITERATION_S``, ``MTT_ITERATION_S``; networks of another width scaled by
+    (width/128)^2, a rough guide): a network costs its epochs x ``EPOCH_S`` x its images / 2,478 plus one test
+    pass; a network two rows share is charged to the first row that trains it (rows of a fixed split equal to the
+    computed one share all their networks with the computed rows, once the grouping is known). Data, grouping and
+    stability cells (seconds) are left out. Meant for the paper-real profile (the distillers at the paper's
+    per-iteration settings)."""
     st = grid.settings
     f = (st["width"] / PAPER_WIDTH) ** 2
     runs = len(grid.seeds)
@@ -303,17 +305,21 @@ def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
            grid.experts_cell.name: ex.num_experts * (ex.train.epochs * EXPERT_EPOCH_S + TEST_LOGITS_S),
            grid.mtt_cell.name: grid.mtt_cfg.distill.iterations * MTT_ITERATION_S,
            "mtt_flat": nets("mtt", 1)}
+    # networks are keyed by their split: once the grouping is computed, a fixed split equal to it trains nothing new
+    computed = grid.table.fresh(grid.grouping_cell)
+    split_key = {"computed": gsig(computed["groups"]) if computed else "computed",
+                 "fixed": gsig(grid.fixed_groups) if grid.fixed_groups else "fixed"}
+    trained: set = set()
     for split in grid.splits():
-        trained: set = set()
         for row in COMPUTE_ORDER:
             _, _, st1, st2 = ROWS[row]
             sec = 0.0
-            if ("group", st1) not in trained:
+            if ("group", st1, split_key[split]) not in trained:
                 sec += nets(st1, 1)
-                trained.add(("group", st1))
-            if ("intra", st2) not in trained:
+                trained.add(("group", st1, split_key[split]))
+            if ("intra", st2, split_key[split]) not in trained:
                 sec += nets(st2, 2)
-                trained.add(("intra", st2))
+                trained.add(("intra", st2, split_key[split]))
             out[grid.row_cell(row, split).name] = sec
     return out
 
