@@ -116,10 +116,10 @@ def test_paper_real_plan_needs_no_data_and_shows_each_rows_scale(tmp_path):
     out = _run("two-stage", "--profile", "paper-real", "--plan", *_dirs(tmp_path), "--root",
                tmp_path / "missing.tar.gz")
     lines = {ln.split()[0]: ln for ln in out.splitlines() if "preset" in ln}
-    # the run's order: the real-image rows first, then the MTT set and its rows, then the GM set and its rows
+    # the run's order: the real-image rows first, then the GM set and its rows, then the MTT set and its rows
     assert list(lines) == ["data", "grouping", "original_flat", "original+original", "original+original-fixed",
-                           "experts-mtt", "distill-mtt", "mtt_flat", "original+mtt", "original+mtt-fixed",
                            "distill-gm", "gm_flat", "original+gm", "gm+gm", "original+gm-fixed", "gm+gm-fixed",
+                           "experts-mtt", "distill-mtt", "mtt_flat", "original+mtt", "original+mtt-fixed",
                            "grouping-stability"]
     assert "17 cells: 0 done, 0 running, 0 partial, 17 to do" in out and "total 7.98 core-hours" in out
     assert "1 seed;" in lines["original+gm"] and PAPER_NETS in lines["original+gm"]
@@ -204,7 +204,7 @@ def test_tiny_table_with_a_fixed_split_and_its_reports(tmp_path, one_thread, cap
     g = grid("0,1,2,3,4;5,6,7,8,9")
     capsys.readouterr()
     stem = g.run()
-    # cells are computed in the plan's order: real-image rows, then the MTT set and its rows, then GM's
+    # cells are computed in the plan's order: real-image rows, then the GM set and its rows, then MTT's
     ran = [ln.split("] ", 1)[1].rsplit(": running", 1)[0] for ln in capsys.readouterr().out.splitlines()
            if ln.endswith(": running")]
     order = [c.name for c, *_ in g.cells()]
