@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 from ltdd.config import atomic_write_text
@@ -18,3 +20,16 @@ def write_section(path: str | Path, title: str, section: str, append: bool) -> P
     atomic_write_text(path, text)
     print(f"\nwrote {path}")
     return path
+
+
+def section_heading(script: str, argv: list[str] | None) -> str:
+    """A results section's first line: the command that wrote it (``python benchmarks/<script> ...``) and when."""
+    cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return f"`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')})"
+
+
+def finish(path: str | Path, title: str, section: str, append: bool) -> int:
+    """Print a results section, write it (:func:`write_section`) and return the script's exit code (0)."""
+    print("\n" + section)
+    write_section(path, title, section, append)
+    return 0

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish, machine_line, section_heading  # noqa: E402  (benchmarks/common.py)
 
 
 def child(tuned: bool, threads: int) -> dict:
@@ -81,9 +81,8 @@ def main(argv=None) -> int:
     med = {m: {k: statistics.median(rec[k] for rec in res[m]) for k in ("train_epoch_s", "predict_s")} for m in res}
     ratio = {k: statistics.median(off[k] / on[k] for on, off in zip(res["on"], res["off"]))
              for k in ("train_epoch_s", "predict_s")}
-    cmd = "python benchmarks/malloc_tuning.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join([
-        f"`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')})", "",
+        section_heading("malloc_tuning.py", argv), "",
         f"Machine: {machine_line()}; load average before {load_before[0]:.1f}/{load_before[1]:.1f}, after "
         f"{load_after[0]:.1f}/{load_after[1]:.1f}; {args.threads} torch thread(s) per process, {args.rounds} "
         "alternated rounds, a fresh process per measurement.", "",
@@ -93,9 +92,7 @@ def main(argv=None) -> int:
         f"{med['off']['train_epoch_s']:.2f} | {ratio['train_epoch_s']:.2f}x |",
         f"| prediction, 10,000 images | {med['on']['predict_s']:.2f} | {med['off']['predict_s']:.2f} | "
         f"{ratio['predict_s']:.2f}x |", ""])
-    print("\n" + section)
-    write_section(args.out, "CPU malloc tuning: plain training and prediction", section, args.append)
-    return 0
+    return finish(args.out, "CPU malloc tuning: plain training and prediction", section, args.append)
 
 
 if __name__ == "__main__":

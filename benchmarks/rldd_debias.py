@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish, machine_line, section_heading  # noqa: E402  (benchmarks/common.py)
 
 VARIANTS = "quadratic/sum,none/sum,quadratic/mean,linear/mean,constant/mean"
 
@@ -88,10 +88,9 @@ def main(argv=None) -> int:
         rows.append(f"| {v} | {share:.2f} | {100 * m.accuracy:.1f} | {grp} | {100 * m.class_std:.1f} | {pc} | "
                     f"{secs:.0f} |")
         print(rows[-1], flush=True)
-    cmd = "python benchmarks/rldd_debias.py " + " ".join(argv if argv is not None else sys.argv[1:])
     counts = ", ".join(str(int(c)) for c in data.train_counts)
     section = "\n".join([
-        f"`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')})", "",
+        section_heading("rldd_debias.py", argv), "",
         f"Machine: {machine_line()}; {args.threads} torch thread(s).  ",
         f"Data: CIFAR-10-LT IF {args.imbalance:g} ({counts} training images per class, head to tail), "
         f"{'ZCA' if args.zca else 'no ZCA'}; balanced 10,000-image test set.  ",
@@ -101,9 +100,7 @@ def main(argv=None) -> int:
         "| schedule / weights | share of lr mass weighted by alpha | test acc % | head | medium | tail | class std | "
         f"per class % ({', '.join(names)}) | train s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""])
-    print("\n" + section)
-    write_section(args.out, "RLDD's expert debiasing: schedules and weight scaling", section, args.append)
-    return 0
+    return finish(args.out, "RLDD's expert debiasing: schedules and weight scaling", section, args.append)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish, machine_line, section_heading  # noqa: E402  (benchmarks/common.py)
 
 
 def _per_iteration(log_path: Path, skip: int = 1) -> list[float]:
@@ -123,18 +123,15 @@ def main(argv=None) -> int:
     ]
     table = [f"| {name} | {got:.2f} | {n} | {held:.2f} ({what}) | {held / got:.2f}x |"
              for name, got, held, what, n in rows]
-    cmd = "python benchmarks/two_stage_costs.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join([
-        f"`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')})", "",
+        section_heading("two_stage_costs.py", argv), "",
         f"Machine: {machine_line()}; {args.threads} torch thread(s); malloc tuning "
         f"{'on' if tuned else 'unavailable'}; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}.  ",
         "Work: the paper-real profile's own configurations (ConvNet-3 width 128, raw [0, 1] pixels, CIFAR-10-LT "
         "n_max 1000, IF 100); medians after one warm-up unit (the test pass: one pass, no warm-up).", "",
         "| unit | measured s | units timed | the code's estimate | estimate / measured |",
         "| --- | --- | --- | --- | --- |", *table, ""])
-    print("\n" + section)
-    write_section(args.out, "Two-stage paper-real: unit costs on CPU", section, args.append)
-    return 0
+    return finish(args.out, "Two-stage paper-real: unit costs on CPU", section, args.append)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_line, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish, machine_line, section_heading  # noqa: E402  (benchmarks/common.py)
 
 
 def forward_macs(model, shape) -> int:
@@ -100,9 +100,8 @@ def main(argv=None) -> int:
         ratio = statistics.median(a / b for a, b in zip(times[w], times[base]))
         rows.append(f"| {w} | {macs[w] / 1e6:.1f} | {s_per_k:.2f} | {gflops:.1f} | {ratio:.2f}x | "
                     f"{macs[w] / macs[base]:.1f}x |")
-    cmd = "python benchmarks/width_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join([
-        f"`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')})", "",
+        section_heading("width_cost.py", argv), "",
         f"Machine: {machine_line()}; {args.threads} torch thread(s); malloc tuning "
         f"{'on' if tuned else 'unavailable'}; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}.  ",
         f"Work: one training epoch of ConvNet-3 (its default instance norm) on {args.images:,} images 3x32x32, batch "
@@ -111,9 +110,7 @@ def main(argv=None) -> int:
         f"| width | forward MMACs / image | s per 1000 images | GFLOP/s (3 x 2 x MACs) | cost / width {base} "
         f"(median of per-round ratios) | MACs / width {base} |",
         "| --- | --- | --- | --- | --- | --- |", *rows, ""])
-    print("\n" + section)
-    write_section(args.out, "Expert width: cost per training image on CPU", section, args.append)
-    return 0
+    return finish(args.out, "Expert width: cost per training image on CPU", section, args.append)
 
 
 if __name__ == "__main__":
