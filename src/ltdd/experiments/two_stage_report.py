@@ -24,6 +24,7 @@ from .two_stage_table import (
     TWO_STAGE_ORDER,
     VEHICLES_ANIMALS,
     default_runs,
+    flat_row_of,
     run_stages,
 )
 
@@ -365,7 +366,7 @@ def render_markdown(P: dict) -> str:
         made = {"real": [], "mtt": ["mtt_experts", "distill_mtt"], "gm": ["distill_gm"]}
         order = ["data", "original_flat_run0"]
         for src, ready in run_stages(["computed", "fixed"]):
-            order += made[src] + [f"row_{'original' if src == 'real' else src}_flat"]
+            order += made[src] + [f"row_{flat_row_of(src)}"]
             order += [f"row_{r}" + ("-fixed" if split == "fixed" else "") for r, split in ready]
         order += ["grouping_stability", "total_wall"]
         L += ["", "## Timing (seconds, wall clock, this machine)", "",

@@ -159,6 +159,11 @@ def run_stages(splits) -> list[tuple[str, list[tuple[str, str]]]]:
     return out
 
 
+def flat_row_of(src: str) -> str:
+    """The flat row of a source: ``original_flat``, ``gm_flat``, ``mtt_flat``."""
+    return f"{'original' if src == 'real' else src}_flat"
+
+
 def default_runs(profile: str) -> int:
     """Runs per row when not given: one for paper-real (the paper's single runs), three otherwise (gpu: at least
     five)."""
@@ -427,7 +432,7 @@ class TwoStageGrid:
                                            f"{sc['mtt']}",
                      self.table.artifact(self.mtt_cell) / "checkpoint.safetensors")]}
         for src, ready in self.run_stages():
-            out += source_cells[src] + [rows[f"{'original' if src == 'real' else src}_flat"]]
+            out += source_cells[src] + [rows[flat_row_of(src)]]
             out += [(self.row_cell(r, split), "-", self._row_text(r, split), None) for r, split in ready]
         out.append((self.stability_cell, "-", f"the partition of each flat model ({3 * len(self.seeds)} models) vs "
                                               f"{STABILITY_RANDOM} random splits", None))
@@ -663,7 +668,7 @@ class TwoStageGrid:
         make = {"real": lambda: None, "mtt": mtt_source, "gm": gm_source}
         for src, ready in self.run_stages():
             make[src]()
-            flat = f"{'original' if src == 'real' else src}_flat"
+            flat = flat_row_of(src)
             row_cell(flat, lambda flat=flat: flat_row(flat))
             for row, split in ready:
                 grp = groups if split == "computed" else self.fixed_groups
