@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ltdd.config import DataConfig
@@ -22,6 +23,7 @@ from ltdd.experiments.two_stage_table import (
     TwoStageGrid,
     TwoStageOptions,
     estimate_seconds,
+    is_control,
 )
 
 FIXED = [f"{r}-fixed" for r in TWO_STAGE_ORDER]
@@ -86,7 +88,14 @@ def test_paper_real_fits_its_budget_with_equal_distillation_shares(tmp_path):
     grid = TwoStageGrid(TwoStageOptions(profile="paper-real", work=str(tmp_path / "w"), results=str(tmp_path / "r")))
     est = estimate_seconds(grid)
     total = sum(est.values())
-    assert 0.99 * BUDGET_S < total <= BUDGET_S
+    paper_rows = sum(v for k, v in est.items() if not is_control(k))
+    assert 0.99 * BUDGET_S < paper_rows <= BUDGET_S
+    # the random-real controls come on top: the same networks as GM's rows, on another 100 images
+    for ctl, same in (("random_flat", "gm_flat"), ("original+random", "original+gm"), ("random+random", "gm+gm")):
+        assert est[ctl] == pytest.approx(est[same])
+        if ctl != "random_flat":
+            assert est[f"{ctl}-fixed"] == pytest.approx(est[f"{same}-fixed"])
+    assert est["random_flat"] == pytest.approx(300 * 5.3 * 100 / 2478 + 11.5)
     # known answers from the measured unit costs (5.3 s per real epoch, 11.5 s per test pass)
     assert est["original_flat"] == pytest.approx(300 * 5.3 + 11.5)
     # Original + Original trains the real group classifier and the two real intra-group classifiers
@@ -96,15 +105,17 @@ def test_paper_real_fits_its_budget_with_equal_distillation_shares(tmp_path):
     assert est["distill-gm"] == pytest.approx(74 * 135.0) and est["distill-mtt"] == pytest.approx(539 * 17.6)
     assert est["experts-mtt"] == pytest.approx(5 * (21 * 4.8 + 11.5))
     # the distillers share what the networks leave equally: neither could take one more iteration
-    share = (BUDGET_S - sum(v for k, v in est.items() if k not in ("distill-gm", "distill-mtt", "experts-mtt"))) / 2
+    share = (BUDGET_S - sum(v for k, v in est.items()
+                            if k not in ("distill-gm", "distill-mtt", "experts-mtt") and not is_control(k))) / 2
     gm, mtt = est["distill-gm"], est["experts-mtt"] + est["distill-mtt"]
     assert gm <= share < gm + GM_ITERATION_S and mtt <= share < mtt + MTT_ITERATION_S
     assert "total 7.98 core-hours = about 4.0 h on 2 cores" in grid.estimate_lines()[0]
+    assert "the random-real control rows add 401 s" in grid.estimate_lines()[0]
     # once the grouping is known to equal the fixed split, the fixed rows train nothing new (their networks exist),
     # and the total drops by exactly what they were charged
     grid.table.save(grid.grouping_cell, {"groups": VEHICLES})
     after = estimate_seconds(grid)
-    assert all(after[f"{r}-fixed"] == 0 for r in ("original+original", "original+mtt", "original+gm", "gm+gm"))
+    assert all(after[f"{r}-fixed"] == 0 for r in TWO_STAGE_ORDER)
     assert sum(after.values()) == pytest.approx(total - sum(est[f] for f in FIXED))
     grid.table.save(grid.grouping_cell, {"groups": [[0, 1, 2, 8, 9], [3, 4, 5, 6, 7]]})  # another split
     assert estimate_seconds(grid) == est
@@ -116,12 +127,15 @@ def test_paper_real_plan_needs_no_data_and_shows_each_rows_scale(tmp_path):
     out = _run("two-stage", "--profile", "paper-real", "--plan", *_dirs(tmp_path), "--root",
                tmp_path / "missing.tar.gz")
     lines = {ln.split()[0]: ln for ln in out.splitlines() if "preset" in ln}
-    # the run's order: the real-image rows first, then the GM set and its rows, then the MTT set and its rows
+    # the run's order: the real-image rows first, then the random-real controls, then the GM set and its rows,
+    # then the MTT set and its rows
     assert list(lines) == ["data", "grouping", "original_flat", "original+original", "original+original-fixed",
-                           "distill-gm", "gm_flat", "original+gm", "gm+gm", "original+gm-fixed", "gm+gm-fixed",
+                           "random_flat", "original+random", "random+random", "original+random-fixed",
+                           "random+random-fixed", "distill-gm", "gm_flat", "original+gm", "gm+gm",
+                           "original+gm-fixed", "gm+gm-fixed",
                            "experts-mtt", "distill-mtt", "mtt_flat", "original+mtt", "original+mtt-fixed",
                            "grouping-stability"]
-    assert "17 cells: 0 done, 0 running, 0 partial, 17 to do" in out and "total 7.98 core-hours" in out
+    assert "22 cells: 0 done, 0 running, 0 partial, 22 to do" in out and "total 7.98 core-hours" in out
     assert "1 seed;" in lines["original+gm"] and PAPER_NETS in lines["original+gm"]
     assert "GM set: reduced (iterations 74 instead of 1000)" in lines["original+gm"]
     assert "fixed split {airplane, automobile, ship, truck} vs {bird, cat, deer, dog, frog, horse}" in \
@@ -130,9 +144,9 @@ def test_paper_real_plan_needs_no_data_and_shows_each_rows_scale(tmp_path):
     assert "§" not in out and ".md" not in out
     assert "2 seeds;" in _run("two-stage", "--profile", "paper-real", "--runs", "2", "--plan", *_dirs(tmp_path))
     out = _run("two-stage", "--profile", "paper-real", "--groups", "none", "--plan", *_dirs(tmp_path))
-    assert "13 cells" in out and "-fixed" not in out
+    assert "16 cells" in out and "-fixed" not in out
     out = _run("two-stage", "--groups", "airplane,automobile,ship,truck;2,3,4,5,6,7", "--plan", *_dirs(tmp_path))
-    assert "17 cells" in out and "core-hours" not in out  # a fixed split on the cpu profile too; no estimate
+    assert "22 cells" in out and "core-hours" not in out  # a fixed split on the cpu profile too; no estimate
 
 
 @pytest.mark.parametrize("args,word", [
@@ -153,14 +167,15 @@ def test_bad_input_is_one_clear_line(args, word, tmp_path, capsys):
 
 STATIC = {"data", "distill-gm", "experts-mtt", "distill-mtt"}
 COMPUTED = set(ROWS)
+CONTROLS = {"random_flat", "original+random", "random+random", "original+random-fixed", "random+random-fixed"}
 
 
 @pytest.mark.parametrize("extra,stale", [
     (["--width", "64"], {"grouping", "grouping-stability", *COMPUTED, *FIXED}),
     (["--real-epochs", "100"], {"grouping", "grouping-stability", *COMPUTED, "original+gm-fixed",
-                                "original+mtt-fixed", "original+original-fixed"}),
+                                "original+mtt-fixed", "original+original-fixed", "original+random-fixed"}),
     (["--syn-epochs", "100"], {"grouping-stability", "gm_flat", "mtt_flat", "original+gm", "original+mtt", "gm+gm",
-                               "original+gm-fixed", "original+mtt-fixed", "gm+gm-fixed"}),
+                               "original+gm-fixed", "original+mtt-fixed", "gm+gm-fixed", *CONTROLS}),
     (["--gm-iterations", "4"], {"distill-gm", "grouping-stability", "gm_flat", "original+gm", "gm+gm",
                                 "original+gm-fixed", "gm+gm-fixed"}),
     (["--mtt-iterations", "20"], {"distill-mtt", "grouping-stability", "mtt_flat", "original+mtt",
@@ -221,12 +236,25 @@ def test_tiny_table_with_a_fixed_split_and_its_reports(tmp_path, one_thread, cap
     assert g.table.record("original+gm-fixed")["key"]["groups"] == F["groups"]
     assert g.table.record("original+gm-fixed")["result"]["groups"] == F["groups"]
     assert "--groups '0,1,2,3,4;5,6,7,8,9'" in P["command"] and "estimate" not in P
+    # the random-real control: IPC distinct real training images of each class (the distilled sets' size)
+    from ltdd.data import prepare_data
+
+    ipc = g.dc_cfg.distill.ipc
+    d = prepare_data(data)
+    for row in ("random_flat", "original+random", "random+random", "original+random-fixed"):
+        rs = g.table.record(row)["result"]["random_subset"]
+        idx = torch.tensor(rs["train_indices"])
+        assert len(set(rs["train_indices"])) == len(idx) == 10 * ipc and rs["ipc"] == ipc
+        assert torch.equal(torch.bincount(d.train_y[idx], minlength=10), torch.full((10,), ipc))
+    assert P["rows"]["random_flat"]["summary"]["train_images"]["mean"] == 10 * ipc
+    assert P["rows"]["original+random"]["summary"]["train_images"]["mean"] == len(d.train_y) + 10 * ipc
     md = stem.with_suffix(".md").read_text()
     assert "## Two-stage rows under the computed and the fixed split" in md
     assert f"objective {F['cut']:.1f} (rank {F['rank']} of 511" in md and "| fixed (--groups) |" in md
     assert f"objective {P['grouping']['cut']:.1f} (rank 1)" in md
     assert "## Scale of each row" in md and "| Original + GM | real nets: reduced (width 4 instead of 128" in md
     assert "§" not in md and "two-stage.md" not in md
+    assert "| 1 | Random real (flat) (control) | 100 / – |" in md and "Against the random-real control" in md
     # another fixed split: only its rows (and networks) are computed again
     capsys.readouterr()
     grid("0,2,4,6,8;1,3,5,7,9").run()

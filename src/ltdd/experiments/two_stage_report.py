@@ -17,6 +17,7 @@ from .two_stage_table import (
     EPOCH_S,
     EXPERT_EPOCH_S,
     GM_ITERATION_S,
+    CONTROL_ROWS,
     MTT_ITERATION_S,
     ROWS,
     TABLE,
@@ -222,11 +223,20 @@ def _both_splits(P: dict, F: dict) -> list[str]:
               "group acc, fixed | acc (paper) | class std (paper) |", "| --- " * 9 + "|"]
     for row in TWO_STAGE_ORDER:
         a, b = (x.get(row, {}).get("summary", {}) for x in (rows, fixed))
-        p = P["paper"][row]
-        L.append(f"| {ROWS[row][0]} | {_f(a.get('accuracy'))} | {_f(b.get('accuracy'))} | {_f(a.get('class_std'))} | "
+        p = P["paper"].get(row) or CONTROL_PAPER
+        L.append(f"| {_label(row)} | {_f(a.get('accuracy'))} | {_f(b.get('accuracy'))} | {_f(a.get('class_std'))} | "
                  f"{_f(b.get('class_std'))} | {_f(a.get('group_accuracy'))} | {_f(b.get('group_accuracy'))} | "
                  f"{p['accuracy']} | {p['class_std']} |")
     return L
+
+
+# the paper's columns of a row the paper does not have (the random-real controls)
+CONTROL_PAPER = {"accuracy": "–", "class_std": "–", "train_images": "–", "group_accuracy": None}
+
+
+def _label(row: str) -> str:
+    """A row's label; the random-real controls are marked as ours."""
+    return ROWS[row][0] + (" (control)" if row in CONTROL_ROWS else "")
 
 
 def _f(ms, scale: float = 100.0) -> str:
@@ -292,15 +302,19 @@ def render_markdown(P: dict) -> str:
           "of test images whose predicted class is in the true class's group.", "",
           "| table | row | train imgs | acc (ours) | acc (paper) | class std (ours) | class std (paper) | "
           "group acc (ours) | group acc (paper) |", "| --- " * 9 + "|"]
-    for row, (label, tab, _, _) in ROWS.items():
+    for row, (_, tab, _, _) in ROWS.items():
+        label = _label(row)
         r = rows.get(row)
-        p = P["paper"][row]
+        p = P["paper"].get(row) or CONTROL_PAPER
         s = r["summary"] if r else {}
         ti = s.get("train_images", {}).get("mean") if r else None
         L.append(f"| {tab} | {label} | {int(ti) if ti is not None else '–'} / {p['train_images']} | "
                  f"{_f(s.get('accuracy'))} | {p['accuracy']} | {_f(s.get('class_std'))} | {p['class_std']} | "
                  f"{_f(s.get('group_accuracy'))} | {_p(p['group_accuracy'])} |")
-    L += ["", "Train imgs: ours / paper (every image once per stage that uses it). " +
+    L += ["", "Train imgs: ours / paper (every image once per stage that uses it). (control): a row the paper does "
+          "not have: the same row with a random real subset of the distilled sets' size (IPC 10 real images per "
+          "class from the LT training set, a class with fewer repeated) in place of the distilled set, trained the "
+          "same way - what distillation adds over picking real images. " +
           " ".join(f"{k}: {_no_spec_refs(v)}." for k, v in P.get("paper_notes", {}).items())]
 
     # scale per row
@@ -308,7 +322,7 @@ def render_markdown(P: dict) -> str:
     if RS:
         L += ["", "## Scale of each row: what is at the paper's scale and what is reduced", "",
               "| row | scale |", "| --- | --- |"]
-        L += [f"| {label} | {RS[row]} |" for row, (label, *_rest) in ROWS.items() if row in RS]
+        L += [f"| {_label(row)} | {RS[row]} |" for row in ROWS if row in RS]
 
     # the two-stage rows under both splits
     F = P.get("fixed_split")
@@ -321,7 +335,8 @@ def render_markdown(P: dict) -> str:
           "prior; GM + GM has a balanced stage 1, so the correction does nothing there).", "",
           "| row | hard acc | hard std | soft acc | soft std | hard+prior acc | hard+prior std | group acc+prior | "
           "soft+prior acc | soft+prior std |", "| --- " * 10 + "|"]
-    for row, (label, tab, _, st2) in ROWS.items():
+    for row, (_, tab, _, st2) in ROWS.items():
+        label = _label(row)
         r = rows.get(row)
         if not r or st2 is None:
             continue
@@ -337,7 +352,8 @@ def render_markdown(P: dict) -> str:
           "(20–100) = 5–7, few (< 20) = 8–9. Paper values are derived from its per-class table.", "",
           "| row | | acc | class std | worst class | head | medium | tail | many | med-shot | few |",
           "| --- " * 11 + "|"]
-    for row, (label, *_rest) in ROWS.items():
+    for row in ROWS:
+        label = _label(row)
         r = rows.get(row)
         if r:
             s, g = r["summary"], r["summary"]["groups"]
@@ -346,6 +362,8 @@ def render_markdown(P: dict) -> str:
                      f"(mean-worst: {names[worst]}) | {_f(g.get('head'))} | {_f(g.get('medium'))} | "
                      f"{_f(g.get('tail'))} "
                      f"| {_f(g.get('many'))} | {_f(g.get('medium_shot'))} | {_f(g.get('few'))} |")
+        if row not in P["paper"]:
+            continue
         d = P["paper_derived"][row]
         pc = P["paper"][row]["per_class"]
         L.append(f"| {label} | paper | {P['paper'][row]['accuracy']} | {P['paper'][row]['class_std']} | "
@@ -354,16 +372,18 @@ def render_markdown(P: dict) -> str:
 
     L += ["", "## Per-class accuracy (%), head → tail (ours: mean over runs)", "",
           "| row | | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
-    for row, (label, *_rest) in ROWS.items():
+    for row in ROWS:
+        label = _label(row)
         r = rows.get(row)
         if r:
             L.append(f"| {label} | ours | " + " | ".join(f"{100 * a:.1f}" for a in r["summary"]["per_class"]) + " |")
-        L.append(f"| {label} | paper | " + " | ".join(f"{a:.1f}" for a in P["paper"][row]["per_class"]) + " |")
+        if row in P["paper"]:
+            L.append(f"| {label} | paper | " + " | ".join(f"{a:.1f}" for a in P["paper"][row]["per_class"]) + " |")
 
     T = P.get("timings", {})
     if T:
         # the run's order: each source, its flat row, then the two-stage rows it completes
-        made = {"real": [], "mtt": ["mtt_experts", "distill_mtt"], "gm": ["distill_gm"]}
+        made = {"real": [], "random": [], "mtt": ["mtt_experts", "distill_mtt"], "gm": ["distill_gm"]}
         order = ["data", "original_flat_run0"]
         for src, ready in run_stages(["computed", "fixed"]):
             order += made[src] + [f"row_{flat_row_of(src)}"]
@@ -408,18 +428,18 @@ def _reading(P: dict) -> str:
         se = 100 * math.sqrt((A["std"] ** 2 + B["std"] ** 2) / max(1, P["runs"] - 1))
         return d, se
 
+    def vs(d, e, name):
+        # "beats" / "is below" only beyond two standard errors (and 0.5 pp); otherwise a tie
+        if d > max(2 * e, 0.5):
+            return f"beats {name}"
+        if d < -max(2 * e, 0.5):
+            return f"is below {name}"
+        return f"ties {name} (within noise)"
+
     notes = []
     if {"original+gm", "gm_flat", "original_flat"} <= rows.keys():
         d1, e1 = diff("original+gm", "gm_flat")
         d2, e2 = diff("original+gm", "original_flat")
-        def vs(d, e, name):
-            # "beats" / "is below" only beyond two standard errors (and 0.5 pp); otherwise a tie
-            if d > max(2 * e, 0.5):
-                return f"beats {name}"
-            if d < -max(2 * e, 0.5):
-                return f"is below {name}"
-            return f"ties {name} (within noise)"
-
         verdict = f"{vs(d1, e1, 'GM flat')} and {vs(d2, e2, 'Original flat')}"
         notes.append(f"Original + GM {100 * acc('original+gm')['mean']:.1f} vs GM flat "
                      f"{100 * acc('gm_flat')['mean']:.1f} "
@@ -463,6 +483,18 @@ def _reading(P: dict) -> str:
     if {"original+mtt", "mtt_flat", "original_flat"} <= rows.keys():
         notes.append(f"MTT: flat {100 * acc('mtt_flat')['mean']:.1f}, Original + MTT "
                      f"{100 * acc('original+mtt')['mean']:.1f} (paper 22.0 → 32.3, still below Original flat 37.6).")
+    # what distillation adds: each distilled-set row against the same row on the random real subset of that size
+    pairs = [(a, b) for a, b in (("gm_flat", "random_flat"), ("mtt_flat", "random_flat"),
+                                 ("original+gm", "original+random"), ("original+mtt", "original+random"),
+                                 ("gm+gm", "random+random")) if {a, b} <= rows.keys()]
+    if pairs:
+        parts = []
+        for a, b in pairs:
+            d, e = diff(a, b)
+            parts.append(f"{ROWS[a][0]} {100 * acc(a)['mean']:.1f} vs {ROWS[b][0]} {100 * acc(b)['mean']:.1f} "
+                         f"({d:+.1f} ± {e:.1f} pp: {vs(d, e, 'the control').replace('the control', 'it')})")
+        notes.append("Against the random-real control (the same number of real images per class, trained the same "
+                     "way; the paper has no such row): " + "; ".join(parts) + ".")
     G = P.get("grouping")
     if G:
         r1 = G["references"]["paper_fig2_inferred"]

@@ -14,8 +14,12 @@ In order (every step resumable):
    stage-1 data, one intra-group classifier per group on the stage-2 images of its classes; hard routing as the
    paper, plus soft routing and the group-prior correction from the same networks (:mod:`ltdd.two_stage`); the
    same rows again under a fixed split given with ``groups`` (cells ``<row>-fixed``, keyed by that split).
+   Beside them, controls the paper does not have: the flat row, Original + Random real and Random + Random on a
+   random real subset of the distilled sets' size (IPC real images per class from the LT training set), so that
+   every distilled-set row stands beside the same row without distillation.
    Steps 4 and 5 interleave: each row is computed as soon as its sources exist (the real-image rows first, then
-   the GM set and its rows, then the MTT set and its rows; :meth:`TwoStageGrid.run_stages`);
+   the random-real controls, the GM set and its rows, then the MTT set and its rows;
+   :meth:`TwoStageGrid.run_stages`);
 6. the partition each flat model gives (stability across seeds and training sets, against a random control).
 
 Profiles (:func:`profile_settings`): ``cpu`` (a small scale for shared CPU cores), ``gpu`` (the paper's scale) and
@@ -41,30 +45,38 @@ from .lad_table import CIFAR10_CLASSES, DEFAULT_ROOT
 from .netstore import NetStore
 from .paper import two_stage_paper
 
-__all__ = ["TABLE", "ROWS", "PROFILES", "SOURCE_LABEL", "VEHICLES_ANIMALS", "TwoStageOptions", "TwoStageGrid",
+__all__ = ["TABLE", "ROWS", "CONTROL_ROWS", "PROFILES", "SOURCE_LABEL", "VEHICLES_ANIMALS", "TwoStageOptions", "TwoStageGrid",
            "profile_settings", "estimate_seconds", "default_runs"]
 
 TABLE = "two-stage"
 NUM_TRAIN = 2478  # the paper's split: [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
 NUM_CLASSES = 10
-# row name -> (label, table, stage-1 source, stage-2 source); flat rows have stage 2 = None
+# row name -> (label, table, stage-1 source, stage-2 source); flat rows have stage 2 = None. The random-real rows
+# are ours, not the paper's (CONTROL_ROWS): each distilled-set row beside the same row on a random real subset of
+# the same size (IPC real images per class drawn from the LT training set), trained the same way.
 ROWS = {
     "original_flat": ("Original (flat)", 1, "real", None),
     "gm_flat": ("GM (flat)", 1, "gm", None),
     "mtt_flat": ("MTT (flat)", 1, "mtt", None),
+    "random_flat": ("Random real (flat)", 1, "random", None),
     "original+gm": ("Original + GM", 2, "real", "gm"),
     "original+mtt": ("Original + MTT", 2, "real", "mtt"),
+    "original+random": ("Original + Random real", 2, "real", "random"),
     "original+original": ("Original + Original", 3, "real", "real"),
     "gm+gm": ("GM + GM", 3, "gm", "gm"),
+    "random+random": ("Random real + Random real", 3, "random", "random"),
 }
-TWO_STAGE_ORDER = ("original+gm", "original+mtt", "gm+gm", "original+original")  # the order rows are shown in
-# The run's order: the sources in SOURCE_ORDER (real first, then GM, whose rows are the paper's headline, then MTT),
-# each followed by the rows it completes (under each split, in COMPUTE_ORDER), so that rows appear as soon as their
-# sources exist and the real-image networks, shared by several rows, are trained by the first row that needs them.
-SOURCE_ORDER = ("real", "gm", "mtt")
-COMPUTE_ORDER = ("original+original", "original+gm", "gm+gm", "original+mtt")
-SOURCE_LABEL = {"real": "Original (2,478 real LT images)", "gm": "GM / DC distilled (IPC 10)",
-                "mtt": "MTT distilled (IPC 10)"}
+CONTROL_ROWS = ("random_flat", "original+random", "random+random")  # not in the paper: the random-real controls
+# the order two-stage rows are shown in
+TWO_STAGE_ORDER = ("original+gm", "original+mtt", "original+random", "gm+gm", "random+random", "original+original")
+# The run's order: the sources in SOURCE_ORDER (real first, then the random real subset (seconds), then GM, whose
+# rows are the paper's headline, then MTT), each followed by the rows it completes (under each split, in
+# COMPUTE_ORDER), so that rows appear as soon as their sources exist and the real-image networks, shared by several
+# rows, are trained by the first row that needs them.
+SOURCE_ORDER = ("real", "random", "gm", "mtt")
+COMPUTE_ORDER = ("original+original", "original+random", "random+random", "original+gm", "gm+gm", "original+mtt")
+SOURCE_LABEL = {"real": "Original (2,478 real LT images)", "random": "random real subset (IPC 10)",
+                "gm": "GM / DC distilled (IPC 10)", "mtt": "MTT distilled (IPC 10)"}
 STABILITY_RANDOM = 1000  # random partitions of the stability control
 PROFILES = ("cpu", "gpu", "paper-real")
 VEHICLES_ANIMALS = "0,1,8,9;2,3,4,5,6,7"  # {airplane, automobile, ship, truck} vs the six animals
@@ -93,6 +105,8 @@ BUDGET_S = 2 * 4 * 3600   # about 4 hours on 2 cores = 8 core-hours for the whol
 #   a test pass each: 5 x 112.3 = 561.5 s; 539 iterations x 17.6 s = 9,486.4 s; 10,047.9 s in all.
 #   Total 28,720 s = 7.98 core-hours: about 4 h on 2 cores with --threads 2 (if two threads run twice as fast as
 #   one), about 8 h on one thread. One more GM or MTT iteration would break the equal shares or the budget.
+#   The random-real control rows (not the paper's; added after this sizing) come on top: their networks are those
+#   of GM's rows on another 100 images, 238.5 s under one split (401.3 s while the fixed split may differ).
 PAPER_REAL_GM_ITERATIONS = 74
 PAPER_REAL_MTT_EXPERTS = 5
 PAPER_REAL_EXPERT_EPOCHS = 21
@@ -157,6 +171,11 @@ def run_stages(splits) -> list[tuple[str, list[tuple[str, str]]]]:
         out.append((src, [(row, split) for split in splits for row in COMPUTE_ORDER
                           if src in ROWS[row][2:] and set(ROWS[row][2:]) <= have]))
     return out
+
+
+def is_control(cell_name: str) -> bool:
+    """Whether a row cell (``<row>`` or ``<row>-fixed``) is one of the random-real controls."""
+    return cell_name.removesuffix("-fixed") in CONTROL_ROWS
 
 
 def flat_row_of(src: str) -> str:
@@ -297,7 +316,7 @@ def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
     f = (st["width"] / PAPER_WIDTH) ** 2
     runs = len(grid.seeds)
     n_syn = int(grid.dc_cfg.distill.ipc) * NUM_CLASSES
-    images = {"real": NUM_TRAIN, "gm": n_syn, "mtt": n_syn}
+    images = {"real": NUM_TRAIN, "random": n_syn, "gm": n_syn, "mtt": n_syn}
     epochs = grid.nets.epochs
 
     def nets(src: str, n_nets: int) -> float:  # n_nets networks sharing the images of one source (intra-group)
@@ -305,6 +324,7 @@ def estimate_seconds(grid: "TwoStageGrid") -> dict[str, float]:
 
     ex = grid.mtt_cfg.experts
     out = {"original_flat": nets("real", 1),
+           "random_flat": nets("random", 1),
            grid.gm_cell.name: grid.dc_cfg.distill.iterations * GM_ITERATION_S,
            "gm_flat": nets("gm", 1),
            grid.experts_cell.name: ex.num_experts * (ex.train.epochs * EXPERT_EPOCH_S + TEST_LOGITS_S),
@@ -357,8 +377,12 @@ class TwoStageGrid:
                                                  "data": dk})
         self.mtt_cell = Cell("distill-mtt", {"kind": "distilled-set", "config": config_material(self.mtt_cfg),
                                              "data": dk, "experts": self.experts_cell.hash})
-        sources = {"real": "real", "gm": self.gm_cell.hash, "mtt": self.mtt_cell.hash}
-        epochs = {"real": st["real_epochs"], "gm": st["syn_epochs"], "mtt": st["syn_epochs"]}
+        # the random real subset: identified by its size and its draw (the data's fingerprint is in every key)
+        self.random_ipc = int(self.dc_cfg.distill.ipc)
+        sources = {"real": "real", "random": f"random-real-ipc{self.random_ipc}-draw{o.seed}",
+                   "gm": self.gm_cell.hash, "mtt": self.mtt_cell.hash}
+        epochs = {"real": st["real_epochs"], "random": st["syn_epochs"], "gm": st["syn_epochs"],
+                  "mtt": st["syn_epochs"]}
         self.nets = NetStore(self.table.work / "nets", self.model_cfg, self.train_cfg, dk, sources, epochs, device)
         self.grouping_cell = Cell("grouping", {
             "kind": "grouping", "net": self.nets.key(*self.flat_net("real", self.seeds[0])), "features": "probe",
@@ -423,6 +447,7 @@ class TwoStageGrid:
         rows = {r: (self.row_cell(r), "-", self._row_text(r), None) for r in ROWS}
         source_cells = {
             "real": [],
+            "random": [],  # drawn in the run (seconds); its networks are keyed by the draw
             "gm": [(self.gm_cell, "dc", f"ipc {gm.ipc}, {gm.iterations} iterations; {sc['gm']}",
                     self.table.artifact(self.gm_cell) / "checkpoint.safetensors")],
             "mtt": [(self.experts_cell, "mtt", f"{ex.num_experts} x {ex.train.epochs} epochs, width "
@@ -471,7 +496,8 @@ class TwoStageGrid:
     def scale_parts(self) -> dict[str, str]:
         """One clause per ingredient of a row: ``real`` (networks on real images), ``syn`` (networks on a
         distilled set), ``gm`` and ``mtt`` (the distilled sets), each "paper scale (...)", "reduced (X instead of
-        Y, ...)" or "differs (...)"."""
+        Y, ...)" or "differs (...)"; ``random`` (the random-real control, which the paper does not have) and
+        ``random_nets`` (networks on it: trained as those on a distilled set)."""
         st = self.settings
         raw = not self.dcfg.normalize and not self.dcfg.zca
 
@@ -491,6 +517,9 @@ class TwoStageGrid:
         gm_ref, mtt_ref = self.paper_configs()
         return {"real": "real nets: " + nets(st["real_epochs"]),
                 "syn": "nets on distilled images: " + nets(st["syn_epochs"]),
+                "random": f"random real subset: {self.random_ipc} real images per class drawn from the LT training "
+                          f"set (draw seed {self.opts.seed}; a control the paper does not have)",
+                "random_nets": "nets on the random subset: trained as those on distilled images",
                 "gm": "GM set: " + _verdict(*_config_diffs(self.dc_cfg, gm_ref, GM_FIELDS)),
                 "mtt": "MTT set: " + _verdict(*_config_diffs(self.mtt_cfg, mtt_ref, MTT_FIELDS))}
 
@@ -501,9 +530,11 @@ class TwoStageGrid:
         _, _, st1, st2 = ROWS[row]
         srcs = [st1] + ([st2] if st2 and st2 != st1 else [])
         parts = [sc["real"]] if "real" in srcs else []
-        parts += [sc[s] for s in ("gm", "mtt") if s in srcs]
-        if any(s != "real" for s in srcs):
+        parts += [sc[s] for s in ("random", "gm", "mtt") if s in srcs]
+        if any(s in ("gm", "mtt") for s in srcs):
             parts.append(sc["syn"])
+        elif "random" in srcs:
+            parts.append(f"{sc['random_nets']} ({sc['syn'].split(': ', 1)[1]})")
         return "; ".join(parts)
 
     def plan(self) -> list[dict]:
@@ -513,20 +544,21 @@ class TwoStageGrid:
     def estimate_lines(self) -> list[str]:
         """The estimated compute of the table (paper-real's budget), for ``--plan`` and the report."""
         est = estimate_seconds(self)
+        controls = sum(v for k, v in est.items() if is_control(k))
         nets = sum(v for k, v in est.items() if k not in (self.gm_cell.name, self.experts_cell.name,
-                                                          self.mtt_cell.name))
-        total = sum(est.values())
+                                                          self.mtt_cell.name) and not is_control(k))
+        total = sum(est.values()) - controls
         return [f"Estimated single-thread compute (width-128 costs measured on this project's CPUs: {EPOCH_S:g} s "
                 f"per epoch on the 2,478 images, {GM_ITERATION_S:g} s per GM iteration, {MTT_ITERATION_S:g} s per "
                 f"MTT iteration): networks {nets:,.0f} s, GM {est[self.gm_cell.name]:,.0f} s, MTT experts "
                 f"{est[self.experts_cell.name]:,.0f} s, MTT {est[self.mtt_cell.name]:,.0f} s; total "
                 f"{total / 3600:.2f} core-hours = about {total / 7200:.1f} h on 2 cores with --threads 2 (budget "
-                f"{BUDGET_S / 3600:g} core-hours)"]
+                f"{BUDGET_S / 3600:g} core-hours); the random-real control rows add {controls:,.0f} s"]
 
     def expected_nets(self, groups) -> list[tuple[str, str, int, int]]:
         """Every network of the table once the groups are known (name, source, outputs, seed), under the computed
         ``groups`` and the fixed split."""
-        nets = [self.flat_net(src, s) for src in ("real", "gm", "mtt") for s in self.seeds]
+        nets = [self.flat_net(src, s) for src in ("real", "random", "gm", "mtt") for s in self.seeds]
         for grp in [groups] + ([self.fixed_groups] if self.fixed_groups else []):
             nets += [n for n in self._split_nets(grp) if n not in nets]
         return nets
@@ -571,6 +603,7 @@ class TwoStageGrid:
                                                "class_names": list(data.class_names), "class_groups": data.groups,
                                                "num_train": int(len(data.train_y))})
         sources: dict = {"real": (data.train_x, data.train_y)}
+        drawn: dict = {}
 
         def write():
             return self.write_report(timings={**timings, "total_wall": time.time() - t_start}, before=before)
@@ -635,6 +668,8 @@ class TwoStageGrid:
             t0 = time.time()
             cell = self.row_cell(row, split)
             extra = {"groups": self.fixed_groups} if split == "fixed" else {}
+            if "random" in ROWS[row][2:]:  # the control's images, as indices into the LT training set
+                extra["random_subset"] = drawn["random"]
             table.require(cell, lambda: {"summary": summarise(fn()), "row": row, **extra})
             timings[f"row_{cell.name}"] = time.time() - t0
             write()
@@ -663,9 +698,19 @@ class TwoStageGrid:
             sources["mtt"] = distilled(self.mtt_cell, self.mtt_cfg, experts_dir=store)[:2]
             timings["distill_mtt"] = time.time() - t0
 
-        # 4-5. each source (real; the MTT set on its own expert store; the GM set with the dc preset), its flat row,
+        # 4-5. each source (real; the random real subset; the GM set with the dc preset; the MTT set on its own
+        # expert store), its flat row,
         # then the two-stage rows it completes, under the computed split and the fixed one
-        make = {"real": lambda: None, "mtt": mtt_source, "gm": gm_source}
+        def random_source():
+            from ..distill.init import init_images
+
+            g = torch.Generator()
+            g.manual_seed(int(o.seed))
+            x, y, idx = init_images(data, self.random_ipc, "real", generator=g, duplicate=True)
+            sources["random"] = (x, y.long())
+            drawn["random"] = {"ipc": self.random_ipc, "draw_seed": int(o.seed), "train_indices": list(idx)}
+
+        make = {"real": lambda: None, "random": random_source, "mtt": mtt_source, "gm": gm_source}
         for src, ready in self.run_stages():
             make[src]()
             flat = flat_row_of(src)
