@@ -19,6 +19,7 @@ from .two_stage_table import (
     GM_ITERATION_S,
     CONTROL_ROWS,
     MTT_ITERATION_S,
+    PAPER_REAL_MTT_SHARE_ITERATIONS,
     ROWS,
     TABLE,
     TEST_LOGITS_S,
@@ -132,7 +133,13 @@ def _paper_real_scale(grid, data: str, grouping: str) -> dict:
                f"0..{ph.max_start_epoch - 1 + ph.expert_epochs}, so longer experts would change nothing), "
                f"{mtt.iterations} iterations of about {MTT_ITERATION_S:g} s; lr_lr {mtt.lr_lr:g} as the cpu "
                f"profile (the preset's 1e-5 drove the learned step size to its floor at iteration 0 on un-whitened "
-               f"pixels, measured at the cpu scale)",
+               f"pixels, measured at the cpu scale)"
+               + (f". It runs {mtt.iterations} of the {PAPER_REAL_MTT_SHARE_ITERATIONS} iterations its share of the "
+                  f"budget buys: on this long-tailed data the learned step size falls to its floor (1e-6) by "
+                  f"iteration 14 (measured), and an image update is proportional to the step size, so the set stops "
+                  f"changing; at its real init any step size above 1e-4 makes the matching loss worse than not "
+                  f"moving for start epochs 6-19 (benchmarks/mtt_step_size.py)"
+                  if mtt.iterations < PAPER_REAL_MTT_SHARE_ITERATIONS else ""),
         "budget": f"about 4 hours on 2 CPU cores for the whole table ({BUDGET_S / 3600:g} core-hours). Measured "
                   f"on one core at width 128 (benchmarks/two_stage_costs.py): {EPOCH_S:g} s per epoch on the 2,478 "
                   f"images, {EXPERT_EPOCH_S:g} s per expert epoch (DSA), {TEST_LOGITS_S:g} s per test pass of a "
