@@ -46,3 +46,13 @@ def test_width_cost_tiny_run_writes_its_section(tmp_path):
     assert f"`python benchmarks/width_cost.py {' '.join(args)}`" in text and "malloc tuning on" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| 8 |") or ln.startswith("| 16 |")]
     assert len(rows) == 2 and rows[0].endswith("| 1.00x | 1.0x |")
+
+
+def test_mtt_step_size_without_a_store_is_one_clear_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "mtt_step_size.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra, word in (([], "no MTT expert store"), (["--lrs", "0.1,x"], "comma-separated numbers")):
+        res = subprocess.run([sys.executable, str(BENCH / "mtt_step_size.py"), "--work", str(tmp_path / "w"),
+                              "--out", str(out), *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 2 and word in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert not out.exists()

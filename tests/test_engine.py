@@ -284,3 +284,35 @@ def test_sequential_generation_must_start_inside_the_window(tiny_store, tiny_dat
     ph = PhaseConfig(max_start_epoch=1, current_max_start_epoch=3, expansion_end_iteration=10, syn_steps=1)
     with pytest.raises(LtddError, match="current_max_start_epoch"):
         _engine(tiny_store, tiny_data, phases=[ph])
+
+
+def test_segment_loss_is_one_at_step_size_zero_and_matches_one_plain_sgd_step(tiny_store, tiny_data):
+    """The diagnostic behind benchmarks/mtt_step_size.py: with step size 0 the student does not move (loss exactly
+    1); with one step it equals ||theta_0 - lr grad CE(theta_0) - theta_T||^2 / ||theta_0 - theta_T||^2 written in
+    plain torch; it updates nothing and leaves the generator where it was."""
+    import torch.nn.functional as F
+
+    ph = PhaseConfig(name="p", store="representation", min_start_epoch=0, max_start_epoch=2, syn_steps=1,
+                     expert_epochs=2, inner_loss="ce")
+    eng = TrajectoryMatching(DistillConfig(ipc=2, iterations=1, phases=[ph], image_init="real", soft_labels=False,
+                                           dsa=False),
+                             tiny_data, experts_dir=tiny_store.root)
+    eng.initialise()
+    eng.images = eng.images.detach().double()
+    eng.model.double()
+    eng.masks = {k: v.double() for k, v in eng.masks.items()}
+    ph = eng.cfg.phases[0]
+    before = (eng.images.clone(), float(eng.lr.detach()), eng.generator.get_state().clone())
+    assert eng.segment_loss("p", 0, 1, 0.0) == 1.0
+    traj = eng._trajectory(ph.store, 0)
+    th0, tgt = traj.at(1).double(), traj.at(1 + ph.expert_epochs).double()
+    theta = th0.clone().requires_grad_(True)
+    logits = functional_forward(eng.model, eng.layout, theta, eng.images)
+    g = torch.autograd.grad(F.cross_entropy(logits, eng.labels), theta)[0]
+    for lr in (0.05, 3.0):
+        want = float((th0 - lr * g - tgt).pow(2).sum() / (th0 - tgt).pow(2).sum())
+        assert eng.segment_loss("p", 0, 1, lr) == pytest.approx(want, rel=1e-9)
+    assert torch.equal(eng.images, before[0]) and float(eng.lr.detach()) == before[1]
+    assert torch.equal(eng.generator.get_state(), before[2])
+    with pytest.raises(LtddError, match="no phase 'q'"):
+        eng.segment_loss("q", 0, 1, 0.1)

@@ -434,6 +434,26 @@ class TrajectoryMatching(Distiller):
         record["lr"] = float(self.lr.detach())
         return record
 
+    def segment_loss(self, phase: str, expert: int, start_epoch: int, lr: float) -> float:
+        """The normalised matching loss of the current set on one expert segment (``start_epoch`` to
+        ``start_epoch + expert_epochs``) with the student's step size set to ``lr``; updates nothing and leaves the
+        run's generator where it was. A diagnostic: 1 means the student ends as far from the expert's target as it
+        started (a step size of 0 gives exactly 1); above 1, moving at all is worse than not moving
+        (benchmarks/mtt_step_size.py)."""
+        ph = next((p for p in self.cfg.phases if p.name == phase), None)
+        if ph is None:
+            raise LtddError(f"no phase '{phase}' (phases: {', '.join(p.name for p in self.cfg.phases)})")
+        traj = self._trajectory(ph.store, expert)
+        dtype = self.images.dtype
+        state = self.generator.get_state()
+        plan = self._plan(ph)
+        self.generator.set_state(state)
+        soft = self.soft.detach() if self.soft is not None else None
+        loss = self._phase_exact(ph, traj.at(start_epoch).to(self.device, dtype),
+                                 traj.at(start_epoch + ph.expert_epochs).to(self.device, dtype), plan,
+                                 self.images.detach(), soft, torch.tensor(float(lr), device=self.device, dtype=dtype))
+        return float(loss.detach())
+
     # used by tests and benchmarks: the total matching loss as a function of (images, soft, alpha)
     def matching_loss(self, iteration: int = 0, gradient: str | None = None) -> torch.Tensor:
         mode = gradient or self.cfg.gradient
