@@ -257,6 +257,9 @@ def test_tiny_table_with_a_fixed_split_and_its_reports(tmp_path, one_thread, cap
     assert "## Scale of each row" in md and "| Original + GM | real nets: reduced (width 4 instead of 128" in md
     assert "§" not in md and "two-stage.md" not in md
     assert "| 1 | Random real (flat) (control) | 100 / – |" in md and "Against the random-real control" in md
+    # one run: the reading gives no standard error (a 0.0 would read as no spread)
+    reading = md.split("## Reading")[1]
+    assert "pp, one run" in reading and "± 0.0 pp" not in reading and "with one run every ±" in md
     # another fixed split: only its rows (and networks) are computed again
     capsys.readouterr()
     grid("0,2,4,6,8;1,3,5,7,9").run()

@@ -264,7 +264,9 @@ def render_markdown(P: dict) -> str:
     if not P.get("complete"):
         L += ["**Partial: the run has not finished; rows that are missing are still to come.**", ""]
     L += [f"Command: `{P['command']}` (or `{P['alt_command']}`); a killed run resumes from its cells.  ",
-          f"Machine: {P['machine']}.  ", f"Date: {P['date']}. Runs per row: {P['runs']} (paper: 1).", "",
+          f"Machine: {P['machine']}.  ", f"Date: {P['date']}. Runs per row: {P['runs']} (paper: 1)"
+          + ("; with one run every ± below is 0 and says nothing of the spread." if P["runs"] == 1 else ".")
+          + "", "",
           "Scale (what differs from the paper):", ""]
     L += [f"- **{k}**: {v}" for k, v in P["scale"].items()]
 
@@ -429,19 +431,26 @@ def _reading(P: dict) -> str:
         return rows[r]["summary"]["class_std"] if r in rows else None
 
     def diff(a, b, key="accuracy"):
+        """(difference of the means in pp, its standard error; None with one run, where there is none)."""
         A = rows[a]["summary"][key]
         B = rows[b]["summary"][key if key in rows[b]["summary"] else "accuracy"]
         d = 100 * (A["mean"] - B["mean"])
-        se = 100 * math.sqrt((A["std"] ** 2 + B["std"] ** 2) / max(1, P["runs"] - 1))
-        return d, se
+        if P["runs"] < 2:
+            return d, None
+        return d, 100 * math.sqrt((A["std"] ** 2 + B["std"] ** 2) / (P["runs"] - 1))
+
+    def pm(d, e) -> str:
+        return f"{d:+.1f} pp, one run" if e is None else f"{d:+.1f} ± {e:.1f} pp"
 
     def vs(d, e, name):
-        # "beats" / "is below" only beyond two standard errors (and 0.5 pp); otherwise a tie
-        if d > max(2 * e, 0.5):
+        # "beats" / "is below" only beyond two standard errors (and 0.5 pp); otherwise a tie. With one run there
+        # is no standard error: only the 0.5 pp margin
+        margin = max(2 * (e or 0.0), 0.5)
+        if d > margin:
             return f"beats {name}"
-        if d < -max(2 * e, 0.5):
+        if d < -margin:
             return f"is below {name}"
-        return f"ties {name} (within noise)"
+        return f"ties {name} (within {'noise' if e is not None else '0.5 pp'})"
 
     notes = []
     if {"original+gm", "gm_flat", "original_flat"} <= rows.keys():
@@ -450,9 +459,10 @@ def _reading(P: dict) -> str:
         verdict = f"{vs(d1, e1, 'GM flat')} and {vs(d2, e2, 'Original flat')}"
         notes.append(f"Original + GM {100 * acc('original+gm')['mean']:.1f} vs GM flat "
                      f"{100 * acc('gm_flat')['mean']:.1f} "
-                     f"({d1:+.1f} ± {e1:.1f} pp) and Original flat {100 * acc('original_flat')['mean']:.1f} "
-                     f"({d2:+.1f} ± {e2:.1f} pp): with hard routing it **{verdict}** (paper: +4.2 and +2.8 pp, "
-                     f"i.e. beats both). (± = standard error of the difference of the means over runs.)")
+                     f"({pm(d1, e1)}) and Original flat {100 * acc('original_flat')['mean']:.1f} "
+                     f"({pm(d2, e2)}): with hard routing it **{verdict}** (paper: +4.2 and +2.8 pp, "
+                     f"i.e. beats both)." + (" (± = standard error of the difference of the means over runs.)"
+                                             if e1 is not None else ""))
         s_o, s_g, s_og = (100 * std(r)["mean"] for r in ("original_flat", "gm_flat", "original+gm"))
         notes.append(f"Class-accuracy std: Original flat {s_o:.1f} → Original + GM {s_og:.1f} "
                      f"({'shrinks' if s_og < s_o else 'does not shrink'} vs flat real data; paper 32.4 → 20.1), but "
@@ -471,7 +481,7 @@ def _reading(P: dict) -> str:
             dp, ep = diff("original+gm", "original_flat", "acc_hard_prior")
             sp = 100 * s["class_std_hard_prior"]["mean"]
             notes.append(f"With the group-prior correction (τ = 1) Original + GM reaches "
-                         f"{100 * s['acc_hard_prior']['mean']:.1f} ({dp:+.1f} ± {ep:.1f} pp vs Original flat) at "
+                         f"{100 * s['acc_hard_prior']['mean']:.1f} ({pm(dp, ep).replace(' pp', ' pp vs Original flat', 1)}) at "
                          f"class std {sp:.1f} (Original flat {100 * std('original_flat')['mean']:.1f}).")
         notes.append(f"Routing ceiling: group accuracy of the real-data group classifier "
                      f"{100 * s['group_accuracy']['mean']:.1f} % (paper 84.2); soft routing gives "
@@ -479,11 +489,11 @@ def _reading(P: dict) -> str:
                      f"{100 * s['acc_hard_prior']['mean']:.1f} (hard {100 * s['acc_hard']['mean']:.1f}).")
     if {"original+original", "original_flat"} <= rows.keys():
         d, e = diff("original+original", "original_flat")
-        notes.append(f"Original + Original vs Original flat: {d:+.1f} ± {e:.1f} pp (paper +0.1: the two-stage "
+        notes.append(f"Original + Original vs Original flat: {pm(d, e)} (paper +0.1: the two-stage "
                      f"structure alone does little).")
     if {"gm+gm", "gm_flat"} <= rows.keys():
         d, e = diff("gm+gm", "gm_flat")
-        notes.append(f"GM + GM vs GM flat: {d:+.1f} ± {e:.1f} pp, class std {100 * std('gm+gm')['mean']:.1f} "
+        notes.append(f"GM + GM vs GM flat: {pm(d, e)}, class std {100 * std('gm+gm')['mean']:.1f} "
                      f"(paper −1.2 pp, std 9.9); its group accuracy "
                      f"{100 * rows['gm+gm']['summary']['group_accuracy']['mean']:.1f} "
                      f"(paper 75.1).")
@@ -499,7 +509,7 @@ def _reading(P: dict) -> str:
         for a, b in pairs:
             d, e = diff(a, b)
             parts.append(f"{ROWS[a][0]} {100 * acc(a)['mean']:.1f} vs {ROWS[b][0]} {100 * acc(b)['mean']:.1f} "
-                         f"({d:+.1f} ± {e:.1f} pp: {vs(d, e, 'the control').replace('the control', 'it')})")
+                         f"({pm(d, e)}: {vs(d, e, 'it')})")
         notes.append("Against the random-real control (the same number of real images per class, trained the same "
                      "way; the paper has no such row): " + "; ".join(parts) + ".")
     G = P.get("grouping")
