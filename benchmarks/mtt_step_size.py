@@ -1,5 +1,6 @@
-"""MTT's matching loss against the student's step size at the distilled set's initialisation: can the experts'
-trajectories be matched at all from the set's images, and at which step size?
+"""MTT's matching loss against the student's step size at the distilled set's initialisation (and at the finished
+set, when the table has distilled it): can the experts' trajectories be matched at all from the set's images, and
+at which step size?
 
     python benchmarks/mtt_step_size.py                        # the two-stage table's paper-real MTT store
     python benchmarks/mtt_step_size.py --profile cpu --append
@@ -8,7 +9,8 @@ For each expert and start epoch t, the student starts at the expert's weights of
 student steps on the set's initial images with step size lr, and the normalised distance to the expert's weights
 of epoch t + expert_epochs is reported (the matching loss: 1 = no closer than where it started; step size 0 gives
 exactly 1). If every step size above 0 gives more than 1, the learned step size is driven to its floor and the
-images, whose updates are proportional to it, stop changing.
+images, whose updates are proportional to it, stop changing. With a finished set, the same table is computed on its
+images, and how far they moved from the initialisation is reported.
 
 The expert store must exist: run the table first (``python benchmarks/reproduce.py --table two-stage --profile
 paper-real``; its MTT experts are trained before the MTT set). Writes ``benchmarks/results/mtt_step_size.md``.
@@ -77,23 +79,36 @@ def main(argv=None) -> int:
         eng.initialise()
         n_experts = min(args.experts, grid.mtt_cfg.experts.num_experts)
         load = os.getloadavg()
-        rows, t0 = [], time.time()
-        for e in range(n_experts):
-            for t in starts:
-                losses = [eng.segment_loss(ph.name, e, t, lr) for lr in lrs]
-                rows.append((e, t, losses))
-                print(f"expert {e} start {t}: " + "  ".join(f"{lr:g}: {v:.3f}" for lr, v in zip(lrs, losses)),
-                      flush=True)
+        init = eng.images.detach().clone()
+        sets = [("initialisation", init)]
+        final = grid.table.artifact(grid.mtt_cell)
+        if (final / "distilled.safetensors").is_file():
+            from ltdd.synset import SyntheticSet
+
+            syn = SyntheticSet.load(final)
+            if not torch.equal(syn.labels.long().cpu(), eng.labels.long().cpu()):
+                raise LtddError(f"the set in {final} does not have its initialisation's labels")
+            sets.append((f"finished set ({final.name})", syn.images.to(init.dtype)))
+        tables, t0 = [], time.time()
+        for name, images in sets:
+            eng.images = images
+            rows = []
+            for e in range(n_experts):
+                for t in starts:
+                    losses = [eng.segment_loss(ph.name, e, t, lr) for lr in lrs]
+                    rows.append((e, t, losses))
+                    print(f"{name}: expert {e} start {t}: "
+                          + "  ".join(f"{lr:g}: {v:.3f}" for lr, v in zip(lrs, losses)), flush=True)
+            tables.append((name, images, rows))
     except LtddError as err:
         print(f"mtt_step_size: {err}", file=sys.stderr)
         return 2
     seconds = time.time() - t0
 
-    below = [(e, t) for e, t, losses in rows if min(losses) < 1.0]
     L = [section_heading("mtt_step_size.py", argv),
          "",
          f"Machine: {machine_line(torch.device('cpu'))}; {args.threads} torch thread(s); load average before "
-         f"{load[0]:.1f}; {seconds:.0f} s for {len(rows) * len(lrs)} evaluations.  ",
+         f"{load[0]:.1f}; {seconds:.0f} s for {sum(len(r) for *_, r in tables) * len(lrs)} evaluations.  ",
          f"Set: the two-stage `{args.profile}` profile's MTT set at its initialisation ({cfg.image_init} images, "
          f"IPC {cfg.ipc}, hard labels); experts: {store.name} ({grid.mtt_cfg.experts.num_experts} x "
          f"{grid.mtt_cfg.experts.train.epochs} epochs, width "
@@ -101,16 +116,22 @@ def main(argv=None) -> int:
          f"{ph.expert_epochs}, DSA {'on' if cfg.dsa else 'off'}.",
          "",
          "Matching loss (1 = the student ends no closer to the expert's target than it started; step size 0 gives "
-         "exactly 1):",
-         "",
-         "| expert | start epoch | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
-         "| --- " * (len(lrs) + 3) + "|"]
-    for e, t, losses in rows:
-        i = min(range(len(lrs)), key=losses.__getitem__)
-        best = f"{lrs[i]:g} ({losses[i]:.3f})" if losses[i] < 1.0 else "none below 1"
-        L.append(f"| {e} | {t} | " + " | ".join(f"{v:.3f}" for v in losses) + f" | {best} |")
-    L += ["", f"Segments where some step size brings the student closer than not moving: {len(below)} of "
-              f"{len(rows)}" + (f" (start epochs {sorted({t for _, t in below})})" if below else "") + "."]
+         "exactly 1)."]
+    for name, images, rows in tables:
+        L += ["", f"**{name}**" + ("" if images is init else
+                                   f": the images moved from the initialisation by a mean |change| of "
+                                   f"{float((images - init).abs().mean()):.3g} per pixel value (max "
+                                   f"{float((images - init).abs().max()):.3g}); the initial images' mean |value| is "
+                                   f"{float(init.abs().mean()):.3g}"),
+              "", "| expert | start epoch | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
+              "| --- " * (len(lrs) + 3) + "|"]
+        for e, t, losses in rows:
+            i = min(range(len(lrs)), key=losses.__getitem__)
+            best = f"{lrs[i]:g} ({losses[i]:.3f})" if losses[i] < 1.0 else "none below 1"
+            L.append(f"| {e} | {t} | " + " | ".join(f"{v:.3f}" for v in losses) + f" | {best} |")
+        below = [(e, t) for e, t, losses in rows if min(losses) < 1.0]
+        L += ["", f"Segments where some step size brings the student closer than not moving: {len(below)} of "
+                  f"{len(rows)}" + (f" (start epochs {sorted({t for _, t in below})})" if below else "") + "."]
     return finish(args.out, "MTT's matching loss against the student's step size", "\n".join(L) + "\n", args.append)
 
 
