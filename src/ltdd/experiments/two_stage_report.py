@@ -399,8 +399,10 @@ def render_markdown(P: dict) -> str:
             order += [f"row_{r}" + ("-fixed" if split == "fixed" else "") for r, split in ready]
         order += ["grouping_stability", "total_wall"]
         L += ["", "## Timing (seconds, wall clock, this machine)", "",
-              "Summed over every call of this work folder (a resumed call only adds what it recomputed); other "
-              "jobs may have shared the machine's cores, so these are not idle-machine times: " +
+              "Summed over every call of this work folder (a resumed call only adds what it recomputed, and a call "
+              "that was killed adds nothing: the stored records below count the networks and the logged "
+              "distillation iterations in full); other jobs may have shared the machine's cores, so these are not "
+              "idle-machine times: " +
               ", ".join(f"{k} {T[k]:.0f}" for k in order + sorted(set(T) - set(order)) if k in T) + "."]
         tot = {k: sum(v["seconds"] for n, v in P.get("net_seconds", {}).items() if n.startswith(k))
                for k in ("flat-", "group-", "intra-")}
