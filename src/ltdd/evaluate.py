@@ -222,16 +222,23 @@ def set_ipc(syn, num_classes: int) -> int:
                     "'of the same size' is not defined")
 
 
-def random_subset(syn, data, seed: int = 0):
-    """The fair baseline's images: IPC random real images per class from the long-tailed train set (a class with
-    fewer than IPC images repeats them cyclically), drawn by :func:`ltdd.distill.init.init_images` (mode real)."""
+def draw_random_real(data, ipc: int, seed: int = 0):
+    """IPC random real images per class from the long-tailed train set (a class with fewer than IPC images repeats
+    them cyclically), drawn by :func:`ltdd.distill.init.init_images` (mode real) from a generator seeded with
+    ``seed``: (images, labels, indices into the train set)."""
     from .distill.init import init_images
+
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return init_images(data, int(ipc), "real", generator=g, duplicate=True)
+
+
+def random_subset(syn, data, seed: int = 0):
+    """The fair baseline's images: a random real subset of ``syn``'s size (:func:`draw_random_real`)."""
     from .synset import SyntheticSet
 
     ipc = set_ipc(syn, data.num_classes)
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    images, labels, sources = init_images(data, ipc, "real", generator=g, duplicate=True)
+    images, labels, sources = draw_random_real(data, ipc, seed)
     return SyntheticSet(images, labels, None, None, {"method": "random", "ipc": ipc, "draw_seed": int(seed),
                                                      "sources": sources})
 

@@ -265,8 +265,7 @@ def render_markdown(P: dict) -> str:
         L += ["**Partial: the run has not finished; rows that are missing are still to come.**", ""]
     L += [f"Command: `{P['command']}` (or `{P['alt_command']}`); a killed run resumes from its cells.  ",
           f"Machine: {P['machine']}.  ", f"Date: {P['date']}. Runs per row: {P['runs']} (paper: 1)"
-          + ("; with one run every ± below is 0 and says nothing of the spread." if P["runs"] == 1 else ".")
-          + "", "",
+          + ("; with one run every ± below is 0 and says nothing of the spread." if P["runs"] == 1 else "."), "",
           "Scale (what differs from the paper):", ""]
     L += [f"- **{k}**: {v}" for k, v in P["scale"].items()]
 
@@ -482,8 +481,9 @@ def _reading(P: dict) -> str:
         if "original_flat" in rows:
             dp, ep = diff("original+gm", "original_flat", "acc_hard_prior")
             sp = 100 * s["class_std_hard_prior"]["mean"]
+            vs_flat = pm(dp, ep).replace(" pp", " pp vs Original flat", 1)
             notes.append(f"With the group-prior correction (τ = 1) Original + GM reaches "
-                         f"{100 * s['acc_hard_prior']['mean']:.1f} ({pm(dp, ep).replace(' pp', ' pp vs Original flat', 1)}) at "
+                         f"{100 * s['acc_hard_prior']['mean']:.1f} ({vs_flat}) at "
                          f"class std {sp:.1f} (Original flat {100 * std('original_flat')['mean']:.1f}).")
         notes.append(f"Routing ceiling: group accuracy of the real-data group classifier "
                      f"{100 * s['group_accuracy']['mean']:.1f} % (paper 84.2); soft routing gives "

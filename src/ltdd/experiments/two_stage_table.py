@@ -45,8 +45,8 @@ from .lad_table import CIFAR10_CLASSES, DEFAULT_ROOT
 from .netstore import NetStore
 from .paper import two_stage_paper
 
-__all__ = ["TABLE", "ROWS", "CONTROL_ROWS", "PROFILES", "SOURCE_LABEL", "VEHICLES_ANIMALS", "TwoStageOptions", "TwoStageGrid",
-           "profile_settings", "estimate_seconds", "default_runs"]
+__all__ = ["TABLE", "ROWS", "CONTROL_ROWS", "PROFILES", "SOURCE_LABEL", "VEHICLES_ANIMALS", "TwoStageOptions",
+           "TwoStageGrid", "profile_settings", "estimate_seconds", "default_runs"]
 
 TABLE = "two-stage"
 NUM_TRAIN = 2478  # the paper's split: [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
@@ -709,12 +709,10 @@ class TwoStageGrid:
         # 4-5. each source (real; the random real subset; the GM set with the dc preset; the MTT set on its own
         # expert store), its flat row,
         # then the two-stage rows it completes, under the computed split and the fixed one
-        def random_source():
-            from ..distill.init import init_images
+        def random_source():  # the same draw as the fair tables' random baseline
+            from ..evaluate import draw_random_real
 
-            g = torch.Generator()
-            g.manual_seed(int(o.seed))
-            x, y, idx = init_images(data, self.random_ipc, "real", generator=g, duplicate=True)
+            x, y, idx = draw_random_real(data, self.random_ipc, o.seed)
             sources["random"] = (x, y.long())
             drawn["random"] = {"ipc": self.random_ipc, "draw_seed": int(o.seed), "train_indices": list(idx)}
 
